@@ -1,0 +1,60 @@
+"""Turning task rows into token ids, one function per task format."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flexkd.data.formatting import format_prompt, format_response
+from flexkd.data.jsonl import DataFileError
+from flexkd.models import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: int | list[int]
+    truncated: bool
+
+
+def classification_label(row: dict, label_names: list[str], where: str) -> int:
+    label = row.get("label")
+    if isinstance(label, str) and label in label_names:
+        return label_names.index(label)
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(label_names):
+        return label
+    raise DataFileError(f"{where}: label {label!r} is outside the label set {label_names} "
+                        f"(use an index 0..{len(label_names) - 1} or one of the names)")
+
+
+def encode_classification(row: dict, tokenizer, max_length: int, label_names, where: str) -> Encoded:
+    if not isinstance(row.get("text"), str):
+        raise DataFileError(f"{where}: field 'text' must be a string")
+    ids = tokenizer(row["text"], truncation=False)["input_ids"]
+    truncated = len(ids) > max_length
+    if truncated:
+        # Keep the final special token (SEP / </s>) so encoders see a well-formed sequence.
+        ids = ids[: max_length - 1] + ids[-1:]
+    return Encoded(ids, classification_label(row, label_names, where), truncated)
+
+
+def encode_instruction(row: dict, tokenizer, max_length: int, where: str) -> Encoded:
+    for key in ("prompt", "response"):
+        if not isinstance(row.get(key), str):
+            raise DataFileError(f"{where}: field {key!r} must be a string")
+    prompt = tokenizer(format_prompt(row["prompt"]), add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        prompt = [tokenizer.bos_token_id] + prompt
+    response = tokenizer(format_response(row["response"]), add_special_tokens=False)["input_ids"]
+    response = response + [tokenizer.eos_token_id]
+    truncated = len(prompt) + len(response) > max_length
+    if truncated:
+        # Keep the response (what is scored) and the end of the prompt (next to it).
+        response = response[: max(max_length // 2, max_length - len(prompt))]
+        keep = max_length - len(response)
+        prompt = prompt[:1] + prompt[len(prompt) - keep + 1:] if keep > 1 else prompt[:keep]
+    ids = prompt + response
+    labels = [IGNORE_INDEX] * len(prompt) + response
+    return Encoded(ids, labels, truncated)

@@ -1,0 +1,49 @@
+"""Task specs: where a task's data lives, its format, and how it is cut to size."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flexkd.errors import ConfigError
+from flexkd.storage import file_sha256
+
+FORMATS = ("classification", "instruction")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    format: str
+    data_dir: Path
+    label_names: list[str] = field(default_factory=list)
+    max_length: int = 128
+    max_examples: dict[str, int | None] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg, resolve=lambda s: s) -> TaskSpec:
+        if cfg.get("format") not in FORMATS:
+            raise ConfigError(f"task {cfg.get('name')!r}: format must be one of {FORMATS}, "
+                              f"got {cfg.get('format')!r}")
+        data_dir = Path(resolve(str(cfg["data_dir"]))).expanduser().resolve()
+        meta_path = data_dir / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        labels = list(cfg.get("label_names") or meta.get("label_names") or [])
+        if cfg["format"] == "classification" and len(labels) < 2:
+            raise ConfigError(f"task {cfg['name']!r}: a classification task needs label_names "
+                              f"(at least 2), in the task config or {meta_path}")
+        limits = {s: cfg.get(f"max_{s}_examples") for s in SPLITS}
+        return cls(name=cfg["name"], format=cfg["format"], data_dir=data_dir, label_names=labels,
+                   max_length=int(cfg.get("max_length", 128)), max_examples=limits)
+
+    def split_path(self, split: str) -> Path:
+        return self.data_dir / f"{split}.jsonl"
+
+    def fingerprint(self) -> dict:
+        """What identifies this task's data for caching: file hashes, sizes and limits."""
+        files = {s: file_sha256(self.split_path(s)) for s in SPLITS if self.split_path(s).exists()}
+        return {"name": self.name, "format": self.format, "files": files,
+                "labels": self.label_names, "max_length": self.max_length,
+                "max_examples": self.max_examples}

@@ -1,0 +1,251 @@
+"""Teacher and student models: one wrapper per head kind, built from a config spec.
+
+A spec names a source (hub name, local directory, `asset:<name>`) or an architecture for
+random init. The task decides the head: classification -> a classifier on the masked mean of
+the last hidden state (encoder or decoder backbone); instruction -> a causal LM.
+
+Layer indices follow Hugging Face `hidden_states`: 0 is the embedding output, n (the number
+of layers) the last layer, negative indices count from the end (-1 = last). For Llama-family
+models in transformers 5.x the last entry is taken after the final norm (the LM head's input).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexkd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+CLASSIFIER_FILE = "flexkd_classifier.json"
+HEAD_WEIGHTS = "flexkd_head.pt"
+
+
+@dataclass
+class ModelOutputs:
+    """What a strategy sees of one forward pass.
+
+    `hidden` maps a normalised layer index to (B, L, d); `kd_logits` holds the rows that logit
+    KD compares: (B, C) class logits, or (N, V) logits at the positions that predict response
+    tokens. `loss` is the task cross-entropy (None when no labels were given).
+    """
+
+    kd_logits: torch.Tensor | None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) causal labels -> (B, L) mask of positions whose logits predict a response token."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+class TaskModel(nn.Module, abc.ABC):
+    """Common surface of the two heads: widths, depth, layer indexing, forward."""
+
+    kind: str
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    @abc.abstractmethod
+    def num_outputs(self) -> int:
+        """Classes for a classifier, vocabulary size for a causal LM."""
+
+    def layer_index(self, layer: int) -> int:
+        """Normalise a layer index into [0, num_layers]; out of range is a ConfigError."""
+        n = self.num_layers
+        idx = layer + n + 1 if layer < 0 else layer
+        if not 0 <= idx <= n:
+            raise ConfigError(
+                f"layer {layer} is out of range for a model with {n} layers "
+                f"(valid: 0..{n} or -{n + 1}..-1; 0 is the embedding output, -1 the last layer)"
+            )
+        return idx
+
+    def _backbone_states(self, input_ids, attention_mask, **kw):
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                             output_hidden_states=True, **kw)
+
+    @abc.abstractmethod
+    def forward(self, inputs: dict[str, torch.Tensor], layers=()) -> ModelOutputs:
+        """inputs: input_ids, attention_mask, optional labels; layers: normalised indices."""
+
+    @staticmethod
+    def _pick(hidden_states, layers) -> dict[int, torch.Tensor]:
+        return {i: hidden_states[i] for i in layers}
+
+
+class SequenceClassifier(TaskModel):
+    """Backbone + linear head on the masked mean of the last hidden state."""
+
+    kind = "classifier"
+
+    def __init__(self, backbone: nn.Module, num_labels: int, label_names: list[str] | None = None):
+        super().__init__(backbone)
+        self.head = nn.Linear(self.hidden_size, num_labels)
+        self.label_names = list(label_names or [str(i) for i in range(num_labels)])
+
+    @property
+    def num_outputs(self) -> int:
+        return self.head.out_features
+
+    def forward(self, inputs, layers=()) -> ModelOutputs:
+        mask = inputs["attention_mask"]
+        out = self._backbone_states(inputs["input_ids"], mask)
+        last = out.hidden_states[-1]
+        weights = mask.unsqueeze(-1).to(last.dtype)
+        pooled = (last * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        logits = self.head(pooled)
+        labels = inputs.get("labels")
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ModelOutputs(kd_logits=logits, hidden=self._pick(out.hidden_states, layers),
+                            loss=loss, logits=logits)
+
+
+class CausalLM(TaskModel):
+    """A causal LM; the task loss is cross-entropy on response tokens only."""
+
+    kind = "causal_lm"
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.backbone.get_output_embeddings().weight.shape[0])
+
+    def forward(self, inputs, layers=()) -> ModelOutputs:
+        out = self._backbone_states(inputs["input_ids"], inputs["attention_mask"])
+        logits = out.logits
+        labels = inputs.get("labels")
+        loss = kd_logits = None
+        if labels is not None:
+            positions = response_positions(labels)
+            kd_logits = logits[positions]
+            targets = labels[:, 1:][positions[:, :-1]]
+            loss = F.cross_entropy(kd_logits.float(), targets) if targets.numel() else logits.sum() * 0
+        return ModelOutputs(kd_logits=kd_logits, hidden=self._pick(out.hidden_states, layers),
+                            loss=loss, logits=logits)
+
+
+# ----------------------------------------------------------------------------- building
+
+def load_tokenizer(spec: dict, resolve=lambda s: s):
+    from transformers import AutoTokenizer
+
+    source = spec.get("tokenizer") or spec.get("path")
+    if not source:
+        raise ConfigError(f"model {spec.get('name')!r}: set `tokenizer` (a path or hub name) "
+                          "when the model is randomly initialised")
+    tok = AutoTokenizer.from_pretrained(resolve(str(source)))
+    if tok.pad_token is None:
+        # Decoder tokenizers often ship without PAD; EOS is the usual stand-in.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def _backbone(spec: dict, head: str, tokenizer, resolve, seed: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if head == "causal_lm" else AutoModel
+    dtype = getattr(torch, spec.get("dtype") or "float32")
+    if spec.get("path"):
+        return cls.from_pretrained(resolve(str(spec["path"])), dtype=dtype)
+    init = dict(spec.get("init") or {})
+    if not init.get("model_type"):
+        raise ConfigError(f"model {spec.get('name')!r}: give `path` or `init.model_type`")
+    init.setdefault("vocab_size", len(tokenizer))
+    init.setdefault("pad_token_id", tokenizer.pad_token_id)
+    config = AutoConfig.for_model(init.pop("model_type"), **init)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = cls.from_config(config)
+    return model.to(dtype)
+
+
+def build_model(spec: dict, task_format: str, tokenizer, label_names=None,
+                resolve=lambda s: s, seed: int = 0) -> TaskModel:
+    """A TaskModel for `task_format` ('classification' or 'instruction') from a config spec."""
+    if task_format == "classification":
+        backbone = _backbone(spec, "encoder", tokenizer, resolve, seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 1)
+            model = SequenceClassifier(backbone, len(label_names), label_names)
+        return model.to(backbone.dtype)
+    if task_format == "instruction":
+        backbone = _backbone(spec, "causal_lm", tokenizer, resolve, seed)
+        if not hasattr(backbone, "get_output_embeddings") or backbone.get_output_embeddings() is None:
+            raise ConfigError(f"model {spec.get('name')!r} has no LM head; instruction tasks need "
+                              "a causal LM (choose a decoder pair, e.g. pair=tiny_causal)")
+        return CausalLM(backbone)
+    raise ConfigError(f"unknown task format {task_format!r}; use classification or instruction")
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def total_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save_model(model: TaskModel, tokenizer, directory: str | Path) -> Path:
+    """Write a model as a normal HF directory (+ head for classifiers), atomically."""
+    from flexkd.storage import atomic_directory
+
+    def fill(tmp: Path) -> None:
+        model.backbone.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta: dict[str, Any] = {"kind": model.kind}
+        if isinstance(model, SequenceClassifier):
+            torch.save(model.head.state_dict(), tmp / HEAD_WEIGHTS)
+            meta.update(num_labels=model.num_outputs, label_names=model.label_names)
+        (tmp / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2))
+
+    return atomic_directory(directory, fill)
+
+
+def load_saved_model(directory: str | Path) -> tuple[TaskModel, Any]:
+    """Inverse of save_model: (model, tokenizer)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    meta_path = directory / CLASSIFIER_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{directory} is not a flexkd model directory ({CLASSIFIER_FILE} missing)")
+    meta = json.loads(meta_path.read_text())
+    tok = AutoTokenizer.from_pretrained(directory)
+    if meta["kind"] == "classifier":
+        model = SequenceClassifier(AutoModel.from_pretrained(directory), meta["num_labels"],
+                                   meta.get("label_names"))
+        model.head.load_state_dict(torch.load(directory / HEAD_WEIGHTS, weights_only=True))
+    else:
+        model = CausalLM(AutoModelForCausalLM.from_pretrained(directory))
+    return model, tok

@@ -1,0 +1,167 @@
+"""The run lifecycle (DESIGN.md "Data flow"), one small function per stage.
+
+    resolve -> teacher (fine-tune, cached) -> student + data -> strategy setup (probe, cached)
+    -> distill (Lightning) -> evaluate -> save student -> results.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from flexkd.data.datamodule import DistillDataModule
+from flexkd.data.tasks import TaskSpec
+from flexkd.evaluation.harness_metrics import evaluate_model
+from flexkd.models import build_model, load_tokenizer, save_model, total_parameters, trainable_parameters
+from flexkd.reporting import environment, summary_table, write_results
+from flexkd.sources import resolve_source
+from flexkd.storage import default_cache_dir
+from flexkd.strategies import SetupContext, build_strategy
+
+log = logging.getLogger(__name__)
+
+# The Hub is unreachable on many machines this runs on; a lookup otherwise hangs ~46 s.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        log.info("stage %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def output_dir_of(cfg: DictConfig) -> Path:
+    """Hydra's runtime output dir (honours hydra.run.dir / hydra.sweep.dir overrides)."""
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def cache_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.cache_dir).expanduser() if cfg.get("cache_dir") else default_cache_dir()
+
+
+def load_tokenizers(cfg: DictConfig, resolve):
+    """Student and teacher tokenizers; one object when both name the same source."""
+    student_spec, teacher_spec = (OmegaConf.to_container(cfg.pair[s], resolve=True)
+                                  for s in ("student", "teacher"))
+    student_tok = load_tokenizer(student_spec, resolve)
+    same = ((teacher_spec.get("tokenizer") or teacher_spec.get("path"))
+            == (student_spec.get("tokenizer") or student_spec.get("path")))
+    return student_tok, (student_tok if same else load_tokenizer(teacher_spec, resolve))
+
+
+def build_logger(cfg: DictConfig, out: Path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(out), name="logs", version="")
+
+
+def strategy_kwargs(cfg: DictConfig) -> tuple[str, dict]:
+    kwargs = OmegaConf.to_container(cfg.strategy, resolve=True)
+    return kwargs.pop("name"), kwargs
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one experiment end to end; returns the results dict (also written to disk)."""
+    out = output_dir_of(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = cache_dir_of(cfg)
+    timings = Timings()
+
+    def resolve(source: str) -> str:
+        return resolve_source(source, cache_dir)
+
+    with timings.stage("assets"):
+        task = TaskSpec.from_config(cfg.task, resolve)
+        student_tok, teacher_tok = load_tokenizers(cfg, resolve)
+
+    with timings.stage("teacher"):
+        from flexkd.teacher import prepare_teacher
+
+        teacher = prepare_teacher(cfg, task, teacher_tok, cache_dir, resolve)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    name, kwargs = strategy_kwargs(cfg)
+    strategy = build_strategy(name, **kwargs)
+    student_spec = OmegaConf.to_container(cfg.pair.student, resolve=True)
+    student = build_model(student_spec, task.format, student_tok, task.label_names, resolve,
+                          seed=cfg.seed)
+    data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
+                             eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
+                             num_workers=cfg.data.num_workers)
+    data.setup()
+
+    with timings.stage("probe"):
+        ctx = SetupContext(teacher=teacher.model, student=student, datamodule=data,
+                           cache_dir=str(cache_dir), teacher_fingerprint=teacher.fingerprint,
+                           seed=cfg.seed)
+        strategy.setup(ctx)
+
+    with timings.stage("distill"):
+        from flexkd.module import DistillationModule
+        from flexkd.training import make_trainer
+
+        module = DistillationModule(student, strategy, teacher=teacher.model if
+                                    strategy.needs_teacher else None, **cfg.optim)
+        trainer = make_trainer(cfg.trainer, out, logger=build_logger(cfg, out))
+        trainer.fit(module, datamodule=data)
+
+    with timings.stage("evaluate"):
+        student_metrics = evaluate_model(student, data.test_dataloader(), desc="student test")
+        student_val = evaluate_model(student, data.val_dataloader(), desc="student validation")
+
+    paths = {"results": str(out / "results.json"), "logs": str(out / "logs"),
+             "student": str(out / "student") if cfg.save_student else None}
+    if cfg.save_student:
+        with timings.stage("save"):
+            save_model(student, student_tok, out / "student")
+
+    results = {
+        "pair": cfg.pair.name,
+        "task": task.name,
+        "strategy": name,
+        "seed": int(cfg.seed),
+        "main_metric": cfg.task.main_metric,
+        "metrics": {"student": student_metrics, "student_validation": student_val,
+                    "teacher": teacher.metrics.get("test", {}),
+                    "teacher_validation": teacher.metrics.get("validation", {})},
+        "probe": strategy.diagnostics(),
+        "params": {
+            "student": total_parameters(student),
+            "student_trainable": trainable_parameters(student),
+            "strategy_extra_trainable": strategy.extra_trainable_parameters(),
+            "teacher": total_parameters(teacher.model),
+        },
+        "teacher": teacher.info,
+        "train": {"steps": int(trainer.global_step)},
+        "timings": timings.seconds,
+        "paths": paths,
+        "environment": environment(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_results(out, results)
+    print(summary_table(results), flush=True)
+    return results
+
+
+def main_metric(results: dict) -> float:
+    """The sweep objective: the student's main test metric."""
+    return float(results["metrics"]["student"][results["main_metric"]])

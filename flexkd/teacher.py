@@ -1,0 +1,121 @@
+"""Stage 2 of a run: the teacher, fine-tuned on the task when asked, cached by content hash.
+
+A sweep over strategies and seeds therefore fine-tunes and evaluates each (teacher, task)
+once. Every cache entry records its key and is verified on load; a bad entry is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from flexkd.data.datamodule import DistillDataModule
+from flexkd.data.tasks import TaskSpec
+from flexkd.evaluation.harness_metrics import evaluate_model
+from flexkd.models import TaskModel, build_model, load_saved_model, save_model
+from flexkd.storage import atomic_directory, content_hash
+
+log = logging.getLogger(__name__)
+
+MARKER = "flexkd-cache.json"
+CACHE_VERSION = 1
+
+
+@dataclass
+class Teacher:
+    model: TaskModel
+    fingerprint: str
+    metrics: dict
+    info: dict = field(default_factory=dict)
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def teacher_key(spec: dict, task: TaskSpec, finetune: dict | None) -> str:
+    return content_hash({"v": CACHE_VERSION, "spec": spec, "task": task.fingerprint(),
+                         "finetune": finetune})
+
+
+def _valid_entry(path: Path, key: str, needs_model: bool) -> bool:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        metrics_ok = (path / "metrics.json").is_file()
+        model_ok = not needs_model or (path / "model" / "flexkd_classifier.json").is_file()
+        return marker.get("key") == key and metrics_ok and model_ok
+    except (OSError, ValueError):
+        return False
+
+
+def finetune_teacher(model: TaskModel, task: TaskSpec, tokenizer, finetune: dict, trainer_cfg,
+                     work_dir: Path) -> None:
+    """Train the teacher on the task with the task loss alone (the `sft` strategy)."""
+    import lightning as L
+
+    from flexkd.module import DistillationModule
+    from flexkd.strategies import build_strategy
+    from flexkd.training import make_trainer
+
+    L.seed_everything(finetune.get("seed", 0), workers=True, verbose=False)
+    data = DistillDataModule(task, tokenizer, batch_size=finetune["batch_size"],
+                             seed=finetune.get("seed", 0))
+    module = DistillationModule(model, build_strategy("sft"), teacher=None, lr=finetune["lr"],
+                                weight_decay=finetune.get("weight_decay", 0.01),
+                                warmup_ratio=finetune.get("warmup_ratio", 0.1),
+                                trainable_layers=finetune.get("trainable_layers"))
+    trainer = make_trainer(trainer_cfg, work_dir, max_steps=finetune["max_steps"],
+                           max_epochs=None, limit_val_batches=0, enable_checkpointing=False,
+                           num_sanity_val_steps=0, val_check_interval=None)
+    trainer.fit(module, train_dataloaders=data.train_dataloader())
+    model.requires_grad_(True)
+
+
+def prepare_teacher(cfg, task: TaskSpec, tokenizer, cache_dir: Path, resolve) -> Teacher:
+    spec = _plain(cfg.pair.teacher)
+    ft = _plain(cfg.teacher_finetune)
+    finetune = ft if ft.get("enabled") else None
+    key = teacher_key(spec, task, finetune)
+    entry = cache_dir / "teachers" / key
+    start = time.perf_counter()
+
+    if _valid_entry(entry, key, needs_model=finetune is not None):
+        model = (load_saved_model(entry / "model")[0] if finetune is not None else
+                 build_model(spec, task.format, tokenizer, task.label_names, resolve,
+                             seed=spec.get("init_seed", 0)))
+        metrics = json.loads((entry / "metrics.json").read_text())
+        log.info("teacher: cache hit %s", entry)
+        return Teacher(model, key, metrics, {"cache_hit": True, "key": key, "path": str(entry),
+                                             "seconds": time.perf_counter() - start})
+    if entry.exists():
+        log.warning("teacher cache entry %s is incomplete or corrupt; rebuilding it", entry)
+
+    model = build_model(spec, task.format, tokenizer, task.label_names, resolve,
+                        seed=spec.get("init_seed", 0))
+    finetune_seconds = 0.0
+    if finetune is not None:
+        log.info("teacher: fine-tuning %s on %s for %d steps", spec.get("name"), task.name,
+                 finetune["max_steps"])
+        t0 = time.perf_counter()
+        finetune_teacher(model, task, tokenizer, finetune, cfg.trainer, cache_dir / "tmp")
+        finetune_seconds = time.perf_counter() - t0
+    eval_data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size)
+    metrics = {split: evaluate_model(model, loader, desc=f"teacher {split}") for split, loader in
+               (("validation", eval_data.val_dataloader()), ("test", eval_data.test_dataloader()))}
+
+    def fill(tmp: Path) -> None:
+        if finetune is not None:
+            save_model(model, tokenizer, tmp / "model")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / MARKER).write_text(json.dumps({"key": key, "spec": spec, "finetune": finetune,
+                                              "finetune_seconds": finetune_seconds}, indent=2))
+
+    atomic_directory(entry, fill)
+    return Teacher(model, key, metrics, {"cache_hit": False, "key": key, "path": str(entry),
+                                         "finetune_seconds": finetune_seconds,
+                                         "seconds": time.perf_counter() - start})
