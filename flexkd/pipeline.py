@@ -81,6 +81,8 @@ def strategy_kwargs(cfg: DictConfig) -> tuple[str, dict]:
 
 def run(cfg: DictConfig) -> dict:
     """Run one experiment end to end; returns the results dict (also written to disk)."""
+    # Lightning's tips and device banners bury the run's own log lines.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     out = output_dir_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = cache_dir_of(cfg)
@@ -140,9 +142,9 @@ def run(cfg: DictConfig) -> dict:
         "strategy": name,
         "seed": int(cfg.seed),
         "main_metric": cfg.task.main_metric,
-        "metrics": {"student": student_metrics, "student_validation": student_val,
-                    "teacher": teacher.metrics.get("test", {}),
-                    "teacher_validation": teacher.metrics.get("validation", {})},
+        "metrics": {"student": student_metrics, "teacher": teacher.metrics.get("test", {}),
+                    "validation": {"student": student_val,
+                                   "teacher": teacher.metrics.get("validation", {})}},
         "probe": strategy.diagnostics(),
         "params": {
             "student": total_parameters(student),

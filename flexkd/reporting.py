@@ -49,8 +49,6 @@ def summary_table(results: dict) -> str:
     lines = [f"flexkd  pair={results['pair']}  task={results['task']}  "
              f"strategy={results['strategy']}  seed={results['seed']}"]
     rows = [("teacher (test)", metrics.get("teacher", {})), ("student (test)", metrics["student"])]
-    rows += [(f"{name} (test)", m) for name, m in metrics.items()
-             if name not in ("teacher", "student") and isinstance(m, dict)]
     keys = [k for k in ("accuracy", "macro_f1", "loss", "perplexity", "rougeL") if
             any(k in m for _, m in rows)]
     lines.append(f"  {'model':<22}" + "".join(f"{k:>12}" for k in keys))

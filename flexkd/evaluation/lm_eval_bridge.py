@@ -1,0 +1,517 @@
+"""Score an in-memory causal LM with lm-evaluation-harness (lm-eval 0.4.13).
+
+The harness's own JSON Lines tasks (``{train,validation,test}.jsonl`` in one folder) are turned
+into lm-eval task configs *as dicts* and passed straight to :func:`lm_eval.simple_evaluate`,
+which in 0.4.13 hands every ``dict`` entry of ``tasks`` to ``TaskManager.load`` (an inline
+config needs a ``"task"`` key). We build a ``TaskManager(include_defaults=False)`` ourselves:
+the default one indexes ~15k stock YAML configs (~7 s) that inline tasks never use, and an
+empty index also means a harness task name can never be merged with a stock task of the same
+name.
+
+What is scored, per task format
+-------------------------------
+``classification`` (rows ``{"text": str, "label": int}``)
+    ``multiple_choice``: context ``format_classification_context(text)``, one continuation per
+    label ``format_label_choice(name)`` (exactly one leading space: the choices carry the space
+    and ``target_delimiter`` is ``""``). Metrics ``acc`` and ``acc_norm`` (lm-eval's: argmax of
+    the summed log-likelihood, resp. of log-likelihood / character length of the choice).
+
+``instruction`` (rows ``{"prompt": str, "response": str}``)
+    ``generate_until`` from ``format_prompt(prompt)``, stopping at ``"\\n"`` or the EOS token
+    string, at most ``max_gen_toks`` new tokens; greedy, or (``sampling=True``) one run per seed
+    at ``temperature``, each seeded through ``simple_evaluate``'s random/numpy/torch seeds.
+    ROUGE-1/2/L F-measure (``rouge_score``, Porter stemmer, x100) is computed per example in
+    ``process_results`` against the stripped reference response and averaged. With sampling the
+    reported ``rouge*`` are means over seeds, ``rouge*_std`` the sample standard deviation over
+    seeds (ddof=1; 0.0 for one seed), and ``num_seeds``; per-seed values are under
+    ``"per_seed"``.
+
+    Perplexity (``perplexity=True``) uses lm-eval's ``loglikelihood_rolling`` on the held-out
+    responses: the rolled text is ``response.strip()`` alone, *not conditioned on the prompt*
+    (lm-eval prefixes only the BOS/EOS token and rolls windows of the model's max length).
+    Reported as ``perplexity_word``, ``perplexity_byte`` and ``bits_per_byte`` exactly as lm-eval
+    aggregates them (corpus-level: exp(-sum ll / sum words|bytes)); words are lm-eval's
+    whitespace split. It runs once, with the greedy / first-seed call.
+
+Side effects are undone: the model's per-module train/eval flags, Python/NumPy/torch RNG
+states (``simple_evaluate`` reseeds all three globally) and the ``lm_eval`` logger level are
+restored; a tokenizer without a pad token is deep-copied before HFLM assigns one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import logging
+import os
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flexkd.data.formatting import (
+    format_classification_context,
+    format_label_choice,
+    format_prompt,
+)
+
+# Must happen before lm_eval / datasets / huggingface_hub read their configuration.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+__all__ = [
+    "LmEvalSettings",
+    "LmEvalTask",
+    "evaluate_causal_lm",
+    "evaluate_stock_tasks",
+]
+
+MAX_SAMPLES = 20
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+PERPLEXITY_KEYS = {
+    "word_perplexity": "perplexity_word",
+    "byte_perplexity": "perplexity_byte",
+    "bits_per_byte": "bits_per_byte",
+}
+TASK_FORMATS = ("classification", "instruction")
+# Messages lm-eval emits at WARNING for every in-memory model; expected here, so dropped.
+_BENIGN_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+@dataclass
+class LmEvalTask:
+    name: str  # harness task name, e.g. "tiny_instruct"
+    format: str  # "classification" | "instruction"
+    data_dir: str  # folder holding {train,validation,test}.jsonl
+    split: str = "test"
+    label_names: list[str] | None = None  # classification only; rows {"text", "label": int}
+    # instruction rows are {"prompt": str, "response": str}
+
+    def __post_init__(self) -> None:
+        if self.format not in TASK_FORMATS:
+            raise ValueError(f"task {self.name!r}: format {self.format!r} not in {TASK_FORMATS}")
+        if self.format == "classification" and not self.label_names:
+            raise ValueError(f"task {self.name!r}: classification needs label_names")
+        # data_files resolve against the CWD inside `datasets`; pin them now.
+        self.data_dir = str(Path(self.data_dir).expanduser().resolve())
+
+    @property
+    def data_file(self) -> str:
+        return str(Path(self.data_dir) / f"{self.split}.jsonl")
+
+
+@dataclass
+class LmEvalSettings:
+    batch_size: int = 8
+    limit: int | None = None  # max examples per task
+    max_gen_toks: int = 64
+    sampling: bool = False  # False: greedy; True: temperature below, one run per seed
+    temperature: float = 1.0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # used when sampling
+    perplexity: bool = True  # loglikelihood_rolling on held-out responses (instruction tasks)
+    max_length: int | None = None  # model context length passed to HFLM
+
+
+# --------------------------------------------------------------------------- task configs
+
+
+def _doc_context(prefix: str, doc: dict) -> str:
+    return prefix + format_prompt(doc["prompt"])
+
+
+def _doc_reference(doc: dict) -> str:
+    return doc["response"].strip()
+
+
+def _doc_classification_context(prefix: str, doc: dict) -> str:
+    return prefix + format_classification_context(doc["text"])
+
+
+def _doc_label(doc: dict) -> int:
+    return int(doc["label"])
+
+
+def _empty_context(doc: dict) -> str:
+    return ""
+
+
+class _RougeResults:
+    """``process_results`` for generation: per-example ROUGE F-measure x100."""
+
+    def __init__(self) -> None:
+        from rouge_score import rouge_scorer
+
+        self._scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+
+    def __call__(self, doc: dict, results: list) -> dict[str, float]:
+        output = results[0] if results else ""
+        scores = self._scorer.score(_doc_reference(doc), str(output))
+        return {key: 100.0 * scores[key].fmeasure for key in ROUGE_KEYS}
+
+    def __deepcopy__(self, memo: dict) -> _RougeResults:  # TaskManager deep-copies configs
+        return self
+
+
+def _dataset_fields(task: LmEvalTask) -> dict[str, Any]:
+    if not Path(task.data_file).is_file():
+        raise FileNotFoundError(f"task {task.name!r}: no {task.split} split at {task.data_file}")
+    return {
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {task.split: task.data_file}},
+        "test_split": task.split,
+        "num_fewshot": 0,
+    }
+
+
+def _classification_config(task: LmEvalTask, prefix: str) -> dict[str, Any]:
+    return {
+        "task": task.name,
+        **_dataset_fields(task),
+        "output_type": "multiple_choice",
+        "doc_to_text": functools.partial(_doc_classification_context, prefix),
+        "doc_to_target": _doc_label,
+        # The choice strings carry their single leading space, so no extra delimiter.
+        "doc_to_choice": [format_label_choice(name) for name in task.label_names or []],
+        "target_delimiter": " ",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+def _generation_config(
+    task: LmEvalTask, settings: LmEvalSettings, eos: str | None, sample: bool, prefix: str
+) -> dict[str, Any]:
+    gen_kwargs: dict[str, Any] = {
+        "until": ["\n"] + ([eos] if eos else []),
+        "max_gen_toks": int(settings.max_gen_toks),
+        "do_sample": bool(sample),
+    }
+    if sample:
+        gen_kwargs["temperature"] = float(settings.temperature)
+    return {
+        "task": task.name,
+        **_dataset_fields(task),
+        "output_type": "generate_until",
+        "doc_to_text": functools.partial(_doc_context, prefix),
+        "doc_to_target": _doc_reference,
+        "target_delimiter": "",
+        "generation_kwargs": gen_kwargs,
+        "process_results": _RougeResults(),
+        "metric_list": [
+            {"metric": key, "aggregation": "mean", "higher_is_better": True} for key in ROUGE_KEYS
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+def _perplexity_config(task: LmEvalTask) -> dict[str, Any]:
+    return {
+        "task": f"{task.name}_perplexity",
+        **_dataset_fields(task),
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": _empty_context,
+        "doc_to_target": _doc_reference,  # the rolled text: the response alone
+        "metric_list": [
+            {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+            {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+            {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+class _DropBenign(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(text in msg for text in _BENIGN_WARNINGS)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    logger = logging.getLogger("lm_eval")
+    # A logger's filters only see records created on that very logger.
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    old_level = logger.level
+    drop = _DropBenign()
+    logger.setLevel(logging.WARNING)
+    hf_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        hf_logger.removeFilter(drop)
+        logger.setLevel(old_level)
+
+
+@contextlib.contextmanager
+def _preserve_state(model):
+    """Restore per-module train/eval flags and the global RNGs that simple_evaluate reseeds."""
+    import numpy as np
+    import torch
+
+    modes = [(module, module.training) for module in model.modules()]
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+@dataclass(frozen=True)
+class _SpecialTokens:
+    """How the model's contexts get the tokenizer's special tokens (see ``_special_tokens``)."""
+
+    add_special_tokens: bool | None  # HFLM ``add_bos_token``: None = tokenizer default
+    context_prefix: str = ""  # text prepended to every context when add_special_tokens=False
+    prefix_token_id: int | None = None  # first token for rolling loglikelihood
+
+
+def _special_tokens(tokenizer) -> _SpecialTokens:
+    """lm-eval splits ``encode(context + continuation)`` at ``len(encode(context))``, so a
+    tokenizer that *appends* special tokens (e.g. ``[CLS] $A [SEP]`` post-processing) would
+    have it score the trailing ``[SEP]`` instead of the continuation, and generate after a
+    ``[SEP]``. For such tokenizers special tokens are switched off and the leading ones are
+    put back as text in front of every context (and as the rolling prefix token), so the
+    model sees exactly ``tokenizer(text)`` minus the trailing specials. Tokenizers that add
+    nothing or only a BOS keep lm-eval's default."""
+    probe = "a"
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if bare and full[start : start + len(bare)] == bare:
+            prefix, suffix = full[:start], full[start + len(bare) :]
+            break
+    else:
+        return _SpecialTokens(add_special_tokens=None)
+    if not suffix:
+        return _SpecialTokens(add_special_tokens=None)
+    return _SpecialTokens(
+        add_special_tokens=False,
+        context_prefix=tokenizer.decode(prefix, skip_special_tokens=False) if prefix else "",
+        prefix_token_id=prefix[-1] if prefix else None,
+    )
+
+
+def _make_hflm(model, tokenizer, settings: LmEvalSettings, special: _SpecialTokens):
+    from lm_eval.models.huggingface import HFLM
+
+    class _QuietHFLM(HFLM):
+        """HFLM without its per-request-type progress bars."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError("the tokenizer needs an eos_token (lm-eval stops generation on it)")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer = copy.deepcopy(tokenizer)  # HFLM assigns a pad token in place
+    return _QuietHFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=int(settings.batch_size),
+        max_length=settings.max_length,
+        add_bos_token=special.add_special_tokens,
+        prefix_token_id=special.prefix_token_id,
+    )
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def _run(hflm, tasks: list, settings: LmEvalSettings, seed: int, task_manager=None) -> dict:
+    import lm_eval
+
+    out = lm_eval.simple_evaluate(
+        model=hflm,
+        tasks=tasks,
+        task_manager=task_manager,
+        limit=settings.limit,
+        bootstrap_iters=0,  # no stderr: the default 100k bootstrap is slow on perplexity
+        log_samples=True,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    if out is None:  # only non-zero ranks get None; this bridge is single-process
+        raise RuntimeError("lm_eval.simple_evaluate returned no results")
+    return out
+
+
+def _metric(results: dict, task_name: str, metric: str) -> float:
+    value = results["results"][task_name][f"{metric},none"]
+    return float(value)
+
+
+def _settings_record(settings: LmEvalSettings, special: _SpecialTokens) -> dict[str, Any]:
+    record = asdict(settings)
+    record["seeds"] = list(settings.seeds) if settings.sampling else []
+    record["lm_eval_version"] = _lm_eval_version()
+    record["add_special_tokens"] = special.add_special_tokens  # None: tokenizer default
+    record["context_prefix"] = special.context_prefix
+    return record
+
+
+def _generation_samples(results: dict, task_name: str) -> list[dict[str, str]]:
+    logged = sorted(results.get("samples", {}).get(task_name, []), key=lambda s: s["doc_id"])
+    samples = []
+    for sample in logged[:MAX_SAMPLES]:
+        output = sample["filtered_resps"][0] if sample["filtered_resps"] else ""
+        samples.append(
+            {
+                "prompt": sample["doc"]["prompt"],
+                "reference": _doc_reference(sample["doc"]),
+                "output": str(output).strip(),
+            }
+        )
+    return samples
+
+
+def _classification_samples(results: dict, task_name: str, label_names: list[str]) -> list[dict[str, str]]:
+    logged = sorted(results.get("samples", {}).get(task_name, []), key=lambda s: s["doc_id"])
+    samples = []
+    for sample in logged[:MAX_SAMPLES]:
+        lls = [resp[0] for resp in sample["filtered_resps"]]
+        pred = max(range(len(lls)), key=lls.__getitem__)
+        samples.append(
+            {
+                "prompt": sample["doc"]["text"],
+                "reference": label_names[_doc_label(sample["doc"])],
+                "output": label_names[pred],
+            }
+        )
+    return samples
+
+
+def _num_examples(results: dict, task_name: str) -> int:
+    n = results.get("n-samples", {}).get(task_name, {})
+    return int(n.get("effective", 0))
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def evaluate_causal_lm(model, tokenizer, task: LmEvalTask, settings: LmEvalSettings) -> dict:
+    """Score ``model`` on one harness JSON Lines task through lm-eval (see module docstring).
+
+    Returns ``{"metrics": {name: float}, "samples": [{prompt, reference, output}, ...<=20],
+    "settings": {...}, "num_examples": int}`` and, when sampling, ``"per_seed"``:
+    ``[{"seed": s, "rouge1": ..., "rouge2": ..., "rougeL": ...}, ...]``.
+    Classification metrics: ``acc``, ``acc_norm``.
+    Instruction metrics: ``rouge1``, ``rouge2``, ``rougeL`` (0-100) [+ ``*_std``, ``num_seeds``
+    when sampling] [+ ``perplexity_word``, ``perplexity_byte``, ``bits_per_byte``].
+    """
+    if settings.sampling and not settings.seeds:
+        raise ValueError("sampling=True needs at least one seed")
+    from lm_eval.tasks import TaskManager
+
+    special = _special_tokens(tokenizer)
+    prefix = special.context_prefix
+    with _quiet_lm_eval(), _preserve_state(model):
+        hflm = _make_hflm(model, tokenizer, settings, special)
+        manager = TaskManager(include_defaults=False)
+        report: dict[str, Any] = {"metrics": {}, "samples": [], "settings": {}}
+
+        if task.format == "classification":
+            label_names = list(task.label_names or [])
+            results = _run(hflm, [_classification_config(task, prefix)], settings, 0, manager)
+            report["metrics"] = {m: _metric(results, task.name, m) for m in ("acc", "acc_norm")}
+            report["samples"] = _classification_samples(results, task.name, label_names)
+            report["num_examples"] = _num_examples(results, task.name)
+        else:
+            eos = hflm.tokenizer.eos_token
+            seeds = list(settings.seeds) if settings.sampling else [0]
+            per_seed: dict[int, dict[str, float]] = {}  # insertion order = seeds order
+            for i, seed in enumerate(seeds):
+                tasks = [_generation_config(task, settings, eos, settings.sampling, prefix)]
+                with_ppl = settings.perplexity and i == 0
+                if with_ppl:
+                    tasks.append(_perplexity_config(task))
+                results = _run(hflm, tasks, settings, seed, manager)
+                per_seed[seed] = {k: _metric(results, task.name, k) for k in ROUGE_KEYS}
+                if i == 0:
+                    report["samples"] = _generation_samples(results, task.name)
+                    report["num_examples"] = _num_examples(results, task.name)
+                if with_ppl:
+                    ppl_name = f"{task.name}_perplexity"
+                    for lm_name, name in PERPLEXITY_KEYS.items():
+                        report["metrics"][name] = _metric(results, ppl_name, lm_name)
+            for key in ROUGE_KEYS:
+                values = [per_seed[s][key] for s in seeds]
+                report["metrics"][key] = statistics.fmean(values)
+                if settings.sampling:
+                    report["metrics"][f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            if settings.sampling:
+                report["metrics"]["num_seeds"] = float(len(seeds))
+                report["per_seed"] = [{"seed": s, **per_seed[s]} for s in seeds]
+
+    report["settings"] = _settings_record(settings, special)
+    report["settings"].update({"task": task.name, "format": task.format, "split": task.split})
+    return report
+
+
+def evaluate_stock_tasks(model, tokenizer, task_names: list[str], settings: LmEvalSettings) -> dict:
+    """Run stock lm-eval tasks by name with their own configs (prompts, generation kwargs).
+
+    Their data comes from the Hugging Face Hub, so with ``HF_DATASETS_OFFLINE=1`` only tasks
+    already in the local ``datasets`` cache work. Only ``batch_size``, ``limit`` and
+    ``max_length`` of ``settings`` apply (seed 0; ``sampling``/``max_gen_toks`` are not
+    imposed on stock tasks). Returns ``{"metrics": {f"{task}/{metric}": float}, "settings"}``;
+    metrics under a filter other than ``none`` are named ``f"{task}/{metric}/{filter}"``.
+    """
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+
+    task_names = list(task_names)
+    special = _special_tokens(tokenizer)
+    with _quiet_lm_eval(), _preserve_state(model):
+        manager = TaskManager()
+        unknown = [name for name in task_names if name not in manager.all_tasks]
+        if unknown:
+            hints = {n: difflib.get_close_matches(n, manager.all_tasks, n=3) for n in unknown}
+            raise ValueError(f"unknown lm-eval task(s) {unknown}; close matches: {hints}")
+        hflm = _make_hflm(model, tokenizer, settings, special)
+        results = _run(hflm, task_names, settings, 0, manager)
+
+    metrics: dict[str, float] = {}
+    for task_name, values in results["results"].items():
+        for key, value in values.items():
+            if "," not in key or "_stderr" in key:
+                continue
+            metric, filter_name = key.split(",", 1)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            name = f"{task_name}/{metric}" + ("" if filter_name == "none" else f"/{filter_name}")
+            metrics[name] = float(value)
+    settings_record = _settings_record(settings, special)
+    settings_record["tasks"] = task_names
+    return {"metrics": metrics, "settings": settings_record}

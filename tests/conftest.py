@@ -1,0 +1,57 @@
+"""Shared fixtures: offline environment, a session-wide cache, and a run.py launcher."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Short budgets for end-to-end runs on 2 CPU cores.
+FAST = ["trainer.max_steps=6", "trainer.enable_progress_bar=false", "teacher_finetune.max_steps=40",
+        "data.batch_size=16"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for the whole session: teacher fine-tunes and probes are shared by tests."""
+    return tmp_path_factory.mktemp("flexkd-cache")
+
+
+class RunResult:
+    def __init__(self, proc: subprocess.CompletedProcess, out_dir: Path):
+        self.proc, self.out_dir = proc, out_dir
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+
+    def results(self, sub: str = "") -> dict:
+        return json.loads((self.out_dir / sub / "results.json").read_text())
+
+
+@pytest.fixture
+def run_cli(tmp_path, cache_dir):
+    """Run `python run.py <overrides>` in a subprocess with output in tmp_path."""
+
+    def launch(*overrides: str, multirun: bool = False, fast: bool = True, check: bool = True,
+               timeout: int = 600) -> RunResult:
+        out = tmp_path / "out"
+        dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        args = [sys.executable, str(ROOT / "run.py")] + (["-m"] if multirun else [])
+        args += (FAST if fast else []) + [f"cache_dir={cache_dir}", f"{dir_key}={out}"]
+        args += list(overrides)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        result = RunResult(proc, out)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"run.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                 f"{proc.stderr[-5000:]}")
+        return result
+
+    return launch

@@ -1,0 +1,97 @@
+"""End-to-end runs through run.py (subprocesses), on the tiny pairs and tasks."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+pytestmark = pytest.mark.slow
+
+ENCODER_STRATEGIES = ["flexkd", "projection", "cka", "logit_kd", "sft"]
+
+
+def sweep_results(out: Path) -> list[dict]:
+    found = sorted(out.glob("*/results.json"))
+    return [json.loads(p.read_text()) for p in found]
+
+
+def saved_tensor_shapes(student_dir: Path) -> dict:
+    shapes = {}
+    for file in student_dir.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+    return shapes
+
+
+def test_encoder_pair_every_strategy(run_cli):
+    run = run_cli("pair=tiny_encoder", "task=tiny_cls",
+                  f"strategy={','.join(ENCODER_STRATEGIES)}", multirun=True)
+    results = {r["strategy"]: r for r in sweep_results(run.out_dir)}
+    assert sorted(results) == sorted(ENCODER_STRATEGIES)
+    for name, r in results.items():
+        assert r["pair"] == "tiny_encoder" and r["task"] == "tiny_cls" and r["seed"] == 0
+        assert 0.0 <= r["metrics"]["student"]["accuracy"] <= 1.0
+        assert r["metrics"]["teacher"]["accuracy"] > 0.6, "teacher fine-tune gave no signal"
+        assert set(r["timings"]) >= {"teacher", "probe", "distill", "evaluate"}
+        assert r["config"]["strategy"]["name"] == name
+    # Extra trainable parameters: none for Flex-KD, d_S*d_T + d_T for the projector.
+    assert results["flexkd"]["params"]["strategy_extra_trainable"] == 0
+    assert results["projection"]["params"]["strategy_extra_trainable"] == 32 * 128 + 128
+    assert results["cka"]["params"]["strategy_extra_trainable"] == 0
+    # Flex-KD probe diagnostics.
+    probe = results["flexkd"]["probe"]["probes"][0]
+    assert len(probe["selected"]) == 32 and len(set(probe["selected"])) == 32
+    assert set(probe["effective_dims"]) == {"0.9", "0.95", "0.99"}
+    assert 0.0 <= probe["stability_overlap"] <= 1.0
+    # The teacher is fine-tuned once for the sweep; later jobs hit the cache.
+    hits = [r["teacher"]["cache_hit"] for r in results.values()]
+    assert hits.count(False) <= 1
+    # The saved student holds student weights only (width 32), nothing of the teacher (128).
+    student_dir = Path(results["projection"]["paths"]["student"])
+    shapes = saved_tensor_shapes(student_dir)
+    assert shapes and all(shape[-1] != 128 for shape in shapes.values())
+    assert sum(_numel(s) for s in shapes.values()) + 32 * 2 + 2 == results["projection"]["params"]["student"]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def test_causal_pair_every_strategy(run_cli):
+    run = run_cli("pair=tiny_causal", "task=tiny_instruct",
+                  f"strategy={','.join(ENCODER_STRATEGIES)}", multirun=True)
+    results = {r["strategy"]: r for r in sweep_results(run.out_dir)}
+    assert sorted(results) == sorted(ENCODER_STRATEGIES)
+    for r in results.values():
+        student = r["metrics"]["student"]
+        assert student["perplexity"] > 1.0 and student["tokens"] > 0
+        assert r["metrics"]["teacher"]["perplexity"] < student["perplexity"] * 10
+    assert results["flexkd"]["probe"]["probes"][0]["k"] == 32
+
+
+def test_raw_rejects_mismatched_widths_with_one_clear_line(run_cli):
+    run = run_cli("pair=tiny_encoder", "strategy=raw", check=False)
+    assert run.returncode == 2
+    assert "d_S=32" in run.stderr and "d_T=128" in run.stderr
+    assert "strategy=projection" in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_raw_runs_on_equal_width_pair(run_cli):
+    run = run_cli("pair=tiny_encoder_same", "strategy=raw")
+    r = run.results()
+    assert r["strategy"] == "raw" and r["params"]["strategy_extra_trainable"] == 0
+
+
+def test_sweep_of_three_strategies_and_two_seeds(run_cli):
+    run = run_cli("strategy=flexkd,projection,sft", "seed=0,1", multirun=True)
+    results = sweep_results(run.out_dir)
+    assert len(results) == 6
+    assert sorted((r["strategy"], r["seed"]) for r in results) == sorted(
+        (s, seed) for s in ("flexkd", "projection", "sft") for seed in (0, 1))
+    dirs = {r["paths"]["results"] for r in results}
+    assert len(dirs) == 6
