@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.evaluation.harness_metrics import evaluate_model
+from flexkd.loggers import build_loggers, finish_loggers
 from flexkd.models import build_model, load_tokenizer, save_model, total_parameters, trainable_parameters
 from flexkd.reporting import environment, summary_table, write_results
 from flexkd.sources import resolve_source
@@ -66,12 +67,6 @@ def load_tokenizers(cfg: DictConfig, resolve):
     same = ((teacher_spec.get("tokenizer") or teacher_spec.get("path"))
             == (student_spec.get("tokenizer") or student_spec.get("path")))
     return student_tok, (student_tok if same else load_tokenizer(teacher_spec, resolve))
-
-
-def build_logger(cfg: DictConfig, out: Path):
-    from lightning.pytorch.loggers import CSVLogger
-
-    return CSVLogger(save_dir=str(out), name="logs", version="")
 
 
 def strategy_kwargs(cfg: DictConfig) -> tuple[str, dict]:
@@ -123,7 +118,9 @@ def run(cfg: DictConfig) -> dict:
 
         module = DistillationModule(student, strategy, teacher=teacher.model if
                                     strategy.needs_teacher else None, **cfg.optim)
-        trainer = make_trainer(cfg.trainer, out, logger=build_logger(cfg, out))
+        loggers = build_loggers(cfg, out, {"pair": cfg.pair.name, "task": task.name,
+                                           "strategy": name, "seed": int(cfg.seed)})
+        trainer = make_trainer(cfg.trainer, out, logger=loggers)
         trainer.fit(module, datamodule=data)
 
     with timings.stage("evaluate"):
@@ -160,6 +157,7 @@ def run(cfg: DictConfig) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_results(out, results)
+    finish_loggers(loggers, results, student_dir=out / "student" if cfg.save_student else None)
     print(summary_table(results), flush=True)
     return results
 
