@@ -169,13 +169,46 @@ def load_tokenizer(spec: dict, resolve=lambda s: s):
     return tok
 
 
+def transformer_blocks(backbone: nn.Module) -> nn.ModuleList:
+    """The ModuleList of the backbone's transformer blocks (one per hidden layer)."""
+    n = int(backbone.config.num_hidden_layers)
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError(f"cannot find the {n} transformer blocks of {type(backbone).__name__}")
+
+
+def keep_layers(backbone: nn.Module, keep: list[int]) -> nn.Module:
+    """Prune a backbone to the listed blocks (in order): a same-width, shallower student."""
+    blocks = transformer_blocks(backbone)
+    n = len(blocks)
+    bad = [i for i in keep if not 0 <= i < n]
+    if bad or not keep or sorted(set(keep)) != list(keep):
+        raise ConfigError(f"keep_layers={list(keep)} must be increasing block indices in 0..{n - 1}")
+    kept = nn.ModuleList(blocks[i] for i in keep)
+    for new_index, block in enumerate(kept):
+        attn = getattr(block, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index  # KV-cache slots follow the new numbering
+    for name, module in backbone.named_modules():
+        if module is blocks:
+            parent = backbone.get_submodule(name.rsplit(".", 1)[0]) if "." in name else backbone
+            setattr(parent, name.rsplit(".", 1)[-1], kept)
+    config = backbone.config
+    config.num_hidden_layers = len(keep)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    return backbone
+
+
 def _backbone(spec: dict, head: str, tokenizer, resolve, seed: int) -> nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if head == "causal_lm" else AutoModel
     dtype = getattr(torch, spec.get("dtype") or "float32")
     if spec.get("path"):
-        return cls.from_pretrained(resolve(str(spec["path"])), dtype=dtype)
+        model = cls.from_pretrained(resolve(str(spec["path"])), dtype=dtype)
+        return keep_layers(model, list(spec["keep_layers"])) if spec.get("keep_layers") else model
     init = dict(spec.get("init") or {})
     if not init.get("model_type"):
         raise ConfigError(f"model {spec.get('name')!r}: give `path` or `init.model_type`")

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from flexkd.errors import NonFiniteLossError
-from flexkd.models import ModelOutputs, TaskModel
+from flexkd.models import ModelOutputs, TaskModel, transformer_blocks
 from flexkd.strategies.base import Strategy
 
 
@@ -101,14 +101,7 @@ def freeze_lower_layers(model: TaskModel, trainable_layers: int) -> None:
     Used to fine-tune large teachers cheaply; 0 trains the head alone.
     """
     model.requires_grad_(False)
-    blocks = None
-    for module in model.backbone.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == model.num_layers:
-            blocks = module
-            break
-    if blocks is None:
-        raise ValueError(f"cannot find the {model.num_layers} transformer blocks of "
-                         f"{type(model.backbone).__name__} to freeze")
+    blocks = transformer_blocks(model.backbone)
     for block in list(blocks)[len(blocks) - trainable_layers:] if trainable_layers else []:
         block.requires_grad_(True)
     head = getattr(model, "head", None) or model.backbone.get_output_embeddings()

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.evaluation.harness_metrics import evaluate_model
-from flexkd.loggers import build_loggers, finish_loggers
+from flexkd.loggers import build_loggers, check_logger_config, finish_loggers
 from flexkd.models import build_model, load_tokenizer, save_model, total_parameters, trainable_parameters
 from flexkd.reporting import environment, summary_table, write_results
 from flexkd.sources import resolve_source
@@ -86,6 +86,7 @@ def run(cfg: DictConfig) -> dict:
     def resolve(source: str) -> str:
         return resolve_source(source, cache_dir)
 
+    check_logger_config(cfg)
     with timings.stage("assets"):
         task = TaskSpec.from_config(cfg.task, resolve)
         student_tok, teacher_tok = load_tokenizers(cfg, resolve)
@@ -121,6 +122,7 @@ def run(cfg: DictConfig) -> dict:
         loggers = build_loggers(cfg, out, {"pair": cfg.pair.name, "task": task.name,
                                            "strategy": name, "seed": int(cfg.seed)})
         trainer = make_trainer(cfg.trainer, out, logger=loggers)
+        student.train()  # from_pretrained returns eval mode; dropout belongs to training
         trainer.fit(module, datamodule=data)
 
     with timings.stage("evaluate"):

@@ -72,6 +72,7 @@ def finetune_teacher(model: TaskModel, task: TaskSpec, tokenizer, finetune: dict
     trainer = make_trainer(trainer_cfg, work_dir, max_steps=finetune["max_steps"],
                            max_epochs=None, limit_val_batches=0, enable_checkpointing=False,
                            num_sanity_val_steps=0, val_check_interval=None)
+    model.train()
     trainer.fit(module, train_dataloaders=data.train_dataloader())
     model.requires_grad_(True)
 

@@ -20,6 +20,7 @@ from flexkd.evaluation.lm_eval_bridge import (
     LmEvalTask,
     _special_tokens,
     evaluate_causal_lm,
+    evaluate_stock_tasks,
 )
 
 FIXTURE_TOKENIZER = Path(__file__).resolve().parents[1] / "flexkd" / "fixtures" / "tiny_tokenizer"
@@ -345,3 +346,17 @@ def test_classification_random_model_accuracy_in_range(model, tok, cls_task):
     report = evaluate_causal_lm(model, tok, cls_task, LmEvalSettings(batch_size=8, limit=6))
     assert 0.0 <= report["metrics"]["acc"] <= 1.0 and 0.0 <= report["metrics"]["acc_norm"] <= 1.0
     assert report["num_examples"] == 6 and not model.training
+
+
+def test_labels_the_tokenizer_cannot_tell_apart_are_refused(model, tok, cls_task):
+    # Both unknown words encode to [UNK]: multiple choice would score them identically.
+    task = LmEvalTask(
+        name="tiny_cls", format="classification", data_dir=cls_task.data_dir, label_names=["xyzzy", "plugh"]
+    )
+    with pytest.raises(ValueError, match="same tokens"):
+        evaluate_causal_lm(model, tok, task, LmEvalSettings())
+
+
+def test_stock_task_names_are_checked_against_lm_eval(model, tok):
+    with pytest.raises(ValueError, match="arc_easy"):  # the close match is suggested
+        evaluate_stock_tasks(model, tok, ["arc_easyy"], LmEvalSettings(limit=2))

@@ -28,10 +28,25 @@ What is scored, per task format
 
     Perplexity (``perplexity=True``) uses lm-eval's ``loglikelihood_rolling`` on the held-out
     responses: the rolled text is ``response.strip()`` alone, *not conditioned on the prompt*
-    (lm-eval prefixes only the BOS/EOS token and rolls windows of the model's max length).
+    (lm-eval prefixes one token - BOS, else EOS, or the tokenizer's leading special token, see
+    below - and rolls windows of the model's max length). EOS is not scored.
     Reported as ``perplexity_word``, ``perplexity_byte`` and ``bits_per_byte`` exactly as lm-eval
     aggregates them (corpus-level: exp(-sum ll / sum words|bytes)); words are lm-eval's
     whitespace split. It runs once, with the greedy / first-seed call.
+
+Special tokens: lm-eval scores a continuation by splitting ``encode(context + continuation)``
+at ``len(encode(context))``. That breaks for tokenizers that *append* special tokens (the
+repo's word-level fixture tokenizer wraps every text as ``[CLS] $A [SEP]``): the scored
+"continuation" would be the trailing ``[SEP]``, and generation would start after a ``[SEP]``.
+For such tokenizers HFLM gets ``add_bos_token=False`` (no special tokens at all), the leading
+special tokens are put back as text in front of every context, and the last one is the rolling
+prefix token - the model sees ``tokenizer(context)`` minus the trailing specials. Tokenizers that
+add nothing or only a BOS (Llama, SmolLM2, GPT-2) keep lm-eval's defaults. The choice is
+recorded in ``settings`` (``add_special_tokens``, ``context_prefix``). Classification refuses
+label names that encode to identical tokens (e.g. all ``[UNK]``).
+
+Data are read with ``datasets.load_dataset("json", data_files={split: <absolute path>})``,
+cached under the ``datasets`` cache like any other dataset.
 
 Side effects are undone: the model's per-module train/eval flags, Python/NumPy/torch RNG
 states (``simple_evaluate`` reseeds all three globally) and the ``lm_eval`` logger level are
@@ -177,7 +192,7 @@ def _classification_config(task: LmEvalTask, prefix: str) -> dict[str, Any]:
         "doc_to_target": _doc_label,
         # The choice strings carry their single leading space, so no extra delimiter.
         "doc_to_choice": [format_label_choice(name) for name in task.label_names or []],
-        "target_delimiter": " ",
+        "target_delimiter": "",
         "metric_list": [
             {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
@@ -246,9 +261,15 @@ def _quiet_lm_eval():
     drop = _DropBenign()
     logger.setLevel(logging.WARNING)
     hf_logger.addFilter(drop)
+    import datasets
+
+    bars_were_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # "Generating test split" on every JSON load
     try:
         yield
     finally:
+        if not bars_were_disabled:
+            datasets.enable_progress_bars()
         hf_logger.removeFilter(drop)
         logger.setLevel(old_level)
 
@@ -309,6 +330,26 @@ def _special_tokens(tokenizer) -> _SpecialTokens:
         context_prefix=tokenizer.decode(prefix, skip_special_tokens=False) if prefix else "",
         prefix_token_id=prefix[-1] if prefix else None,
     )
+
+
+def _check_label_choices(tokenizer, task: LmEvalTask) -> None:
+    """Multiple choice only means something if every label continuation is its own tokens."""
+    encoded: dict[tuple[int, ...], str] = {}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for name in task.label_names or []:
+        ids = tuple(tokenizer(format_label_choice(name), add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ValueError(f"task {task.name!r}: label {name!r} encodes to no tokens")
+        if ids in encoded:
+            raise ValueError(
+                f"task {task.name!r}: labels {encoded[ids]!r} and {name!r} encode to the same "
+                f"tokens {list(ids)} (unknown to the tokenizer?); every choice would score alike"
+            )
+        if unk is not None and unk in ids:
+            logging.getLogger(__name__).warning(
+                "task %r: label %r contains the unknown token", task.name, name
+            )
+        encoded[ids] = name
 
 
 def _make_hflm(model, tokenizer, settings: LmEvalSettings, special: _SpecialTokens):
@@ -431,6 +472,8 @@ def evaluate_causal_lm(model, tokenizer, task: LmEvalTask, settings: LmEvalSetti
     """
     if settings.sampling and not settings.seeds:
         raise ValueError("sampling=True needs at least one seed")
+    if task.format == "classification":
+        _check_label_choices(tokenizer, task)
     from lm_eval.tasks import TaskManager
 
     special = _special_tokens(tokenizer)
@@ -449,14 +492,14 @@ def evaluate_causal_lm(model, tokenizer, task: LmEvalTask, settings: LmEvalSetti
         else:
             eos = hflm.tokenizer.eos_token
             seeds = list(settings.seeds) if settings.sampling else [0]
-            per_seed: dict[int, dict[str, float]] = {}  # insertion order = seeds order
+            per_seed: list[dict[str, float]] = []  # one entry per run, in seeds order
             for i, seed in enumerate(seeds):
                 tasks = [_generation_config(task, settings, eos, settings.sampling, prefix)]
                 with_ppl = settings.perplexity and i == 0
                 if with_ppl:
                     tasks.append(_perplexity_config(task))
                 results = _run(hflm, tasks, settings, seed, manager)
-                per_seed[seed] = {k: _metric(results, task.name, k) for k in ROUGE_KEYS}
+                per_seed.append({k: _metric(results, task.name, k) for k in ROUGE_KEYS})
                 if i == 0:
                     report["samples"] = _generation_samples(results, task.name)
                     report["num_examples"] = _num_examples(results, task.name)
@@ -465,17 +508,25 @@ def evaluate_causal_lm(model, tokenizer, task: LmEvalTask, settings: LmEvalSetti
                     for lm_name, name in PERPLEXITY_KEYS.items():
                         report["metrics"][name] = _metric(results, ppl_name, lm_name)
             for key in ROUGE_KEYS:
-                values = [per_seed[s][key] for s in seeds]
+                values = [run[key] for run in per_seed]
                 report["metrics"][key] = statistics.fmean(values)
                 if settings.sampling:
                     report["metrics"][f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             if settings.sampling:
                 report["metrics"]["num_seeds"] = float(len(seeds))
-                report["per_seed"] = [{"seed": s, **per_seed[s]} for s in seeds]
+                report["per_seed"] = [{"seed": s, **run} for s, run in zip(seeds, per_seed, strict=True)]
 
     report["settings"] = _settings_record(settings, special)
     report["settings"].update({"task": task.name, "format": task.format, "split": task.split})
     return report
+
+
+@functools.lru_cache(maxsize=1)
+def _stock_task_manager():
+    """The default TaskManager indexes every stock YAML (~6 s); build it once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
 
 
 def evaluate_stock_tasks(model, tokenizer, task_names: list[str], settings: LmEvalSettings) -> dict:
@@ -489,18 +540,22 @@ def evaluate_stock_tasks(model, tokenizer, task_names: list[str], settings: LmEv
     """
     import difflib
 
-    from lm_eval.tasks import TaskManager
-
     task_names = list(task_names)
     special = _special_tokens(tokenizer)
     with _quiet_lm_eval(), _preserve_state(model):
-        manager = TaskManager()
+        manager = _stock_task_manager()
         unknown = [name for name in task_names if name not in manager.all_tasks]
         if unknown:
             hints = {n: difflib.get_close_matches(n, manager.all_tasks, n=3) for n in unknown}
             raise ValueError(f"unknown lm-eval task(s) {unknown}; close matches: {hints}")
         hflm = _make_hflm(model, tokenizer, settings, special)
-        results = _run(hflm, task_names, settings, 0, manager)
+        try:
+            results = _run(hflm, task_names, settings, 0, manager)
+        except ConnectionError as err:  # `datasets` in offline mode, data not cached
+            raise RuntimeError(
+                f"data for stock task(s) {task_names} is not in the local `datasets` cache and the "
+                f"Hugging Face Hub is offline (HF_DATASETS_OFFLINE={os.environ.get('HF_DATASETS_OFFLINE')})"
+            ) from err
 
     metrics: dict[str, float] = {}
     for task_name, values in results["results"].items():
