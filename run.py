@@ -1,16 +1,16 @@
-"""Hydra entry point. All logic lives in flexkd.pipeline; this file only wires Hydra to it."""
+"""Hydra entry point. All logic lives in flexkd; this file only wires Hydra to it."""
 
 import hydra
 from omegaconf import DictConfig
 
-from flexkd.cli import guarded
+import flexkd.cli  # noqa: F401  (offline defaults, config resolvers)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from flexkd.pipeline import main_metric, run
+    from flexkd.jobs import run_job
 
-    return guarded(cfg, lambda: main_metric(run(cfg)))
+    return run_job(cfg)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from flexkd.checkpointing import ResumeCheckpoint, resume_path
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.evaluation.harness_metrics import evaluate_model
@@ -121,9 +123,14 @@ def run(cfg: DictConfig) -> dict:
                                     strategy.needs_teacher else None, **cfg.optim)
         loggers = build_loggers(cfg, out, {"pair": cfg.pair.name, "task": task.name,
                                            "strategy": name, "seed": int(cfg.seed)})
-        trainer = make_trainer(cfg.trainer, out, logger=loggers)
+        checkpoints = out / "checkpoints"
+        if cfg.resume == "never":
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        resume_from = resume_path(checkpoints)
+        trainer = make_trainer(cfg.trainer, out, logger=loggers, callbacks=[
+            ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps)])
         student.train()  # from_pretrained returns eval mode; dropout belongs to training
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
 
     with timings.stage("evaluate"):
         student_metrics = evaluate_model(student, data.test_dataloader(), desc="student test")
@@ -152,7 +159,8 @@ def run(cfg: DictConfig) -> dict:
             "teacher": total_parameters(teacher.model),
         },
         "teacher": teacher.info,
-        "train": {"steps": int(trainer.global_step)},
+        "train": {"steps": int(trainer.global_step),
+                  "resumed_from": str(resume_from) if resume_from else None},
         "timings": timings.seconds,
         "paths": paths,
         "environment": environment(),

@@ -74,7 +74,7 @@ def test_causal_pair_every_strategy(run_cli):
 
 
 def test_raw_rejects_mismatched_widths_with_one_clear_line(run_cli):
-    run = run_cli("pair=tiny_encoder", "strategy=raw", check=False)
+    run = run_cli("pair=tiny_encoder", "task=tiny_cls", "strategy=raw", check=False)
     assert run.returncode == 2
     assert "d_S=32" in run.stderr and "d_T=128" in run.stderr
     assert "strategy=projection" in run.stderr
@@ -82,13 +82,14 @@ def test_raw_rejects_mismatched_widths_with_one_clear_line(run_cli):
 
 
 def test_raw_runs_on_equal_width_pair(run_cli):
-    run = run_cli("pair=tiny_encoder_same", "strategy=raw")
+    run = run_cli("pair=tiny_encoder_same", "task=tiny_cls", "strategy=raw")
     r = run.results()
     assert r["strategy"] == "raw" and r["params"]["strategy_extra_trainable"] == 0
 
 
 def test_sweep_of_three_strategies_and_two_seeds(run_cli):
-    run = run_cli("strategy=flexkd,projection,sft", "seed=0,1", multirun=True)
+    run = run_cli("pair=tiny_encoder", "task=tiny_cls", "strategy=flexkd,projection,sft", "seed=0,1",
+                  multirun=True)
     results = sweep_results(run.out_dir)
     assert len(results) == 6
     assert sorted((r["strategy"], r["seed"]) for r in results) == sorted(

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from flexkd.data.encoding import encode_classification, encode_instruction
 from flexkd.data.jsonl import read_jsonl
+from flexkd.data.sampling import ResumableBatchSampler
 from flexkd.data.tasks import SPLITS, TaskSpec
 from flexkd.errors import ConfigError
 from flexkd.models import IGNORE_INDEX
@@ -110,9 +111,9 @@ class DistillDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, batch_size: int, limit: int | None = None):
         self.setup()
         data = self.splits[split][:limit] if limit else self.splits[split]
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=self.collate, num_workers=self.num_workers)
+        sampler = ResumableBatchSampler(len(data), batch_size, self.seed, shuffle=shuffle)
+        return DataLoader(data, batch_sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.num_workers)
 
     def train_dataloader(self):
         return self._loader("train", True, self.batch_size)

@@ -1,0 +1,39 @@
+# The two set-up commands a newcomer needs (README): `make run` and `make test`.
+# Both create .venv and install everything from nothing (PyPI only).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run test install lint assets clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or set PYTHON=..."; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The embedded default: Flex-KD and plain fine-tuning on mpnet -> MiniLM, Rotten Tomatoes,
+# CPU-sized; then a side-by-side table of the two.
+RUN_DIR := outputs/default/$(shell date +%Y-%m-%d_%H-%M-%S)
+run: $(STAMP)
+	$(PY) run.py -m strategy=flexkd,sft hydra.sweep.dir=$(RUN_DIR)
+	$(PY) -m benchmarks.tables $(RUN_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+assets: $(STAMP)
+	$(PY) -m flexkd.assets
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

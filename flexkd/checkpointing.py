@@ -1,0 +1,108 @@
+"""Periodic, atomic training checkpoints and exact resume.
+
+`ResumeCheckpoint` writes `<output_dir>/checkpoints/last.ckpt` every N optimizer steps by
+saving to a temporary file and renaming it into place, so a run killed at any instant leaves
+either the previous or the new checkpoint, never a torn one. The checkpoint holds what
+Lightning saves (student, strategy state such as a projector or the Flex-KD selection,
+optimizer, LR scheduler, loop progress) plus the RNG states; on resume the batch sampler is
+fast-forwarded to the batch the interrupted run would have drawn next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from flexkd.storage import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+LAST = "last.ckpt"
+LAST_INFO = "last.json"
+
+
+def rng_state() -> dict:
+    # Plain tensors and tuples only, so checkpoints load with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(gauss))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_path(checkpoint_dir: Path) -> Path | None:
+    """The checkpoint to resume from, if a complete one exists."""
+    path = Path(checkpoint_dir) / LAST
+    return path if path.is_file() else None
+
+
+class ResumeCheckpoint(L.Callback):
+    def __init__(self, checkpoint_dir: str | Path, every_n_steps: int):
+        self.dir = Path(checkpoint_dir)
+        self.every = max(int(every_n_steps), 1)
+        self._restored_rng: dict | None = None
+
+    # Lightning stores this dict in the checkpoint under the callback's state key.
+    def state_dict(self) -> dict:
+        return {"rng": rng_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_rng = state_dict.get("rng")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            return
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "batch_sampler", None)
+        if hasattr(sampler, "fast_forward"):
+            done = trainer.global_step * trainer.accumulate_grad_batches
+            sampler.set_epoch(done // len(sampler))
+            sampler.fast_forward(done % len(sampler))
+        if self._restored_rng is not None:
+            set_rng_state(self._restored_rng)
+        log.info("resumed at step %d from %s", trainer.global_step, self.dir / LAST)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 and step != getattr(self, "_last_saved", None):
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != getattr(self, "_last_saved", None):
+            self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{LAST}.tmp-{os.getpid()}"
+        trainer.save_checkpoint(tmp)  # every rank must call this; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.dir / LAST)
+            atomic_write_json(self.dir / LAST_INFO, {"step": trainer.global_step,
+                                                     "epoch": trainer.current_epoch})
+        self._last_saved = trainer.global_step
+
+
+def checkpoint_step(checkpoint_dir: Path) -> int | None:
+    info = Path(checkpoint_dir) / LAST_INFO
+    try:
+        return int(json.loads(info.read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
