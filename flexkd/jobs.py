@@ -60,7 +60,7 @@ def is_multirun() -> bool:
 
 def run_job(cfg: DictConfig) -> float:
     """The body of run.py: run the pipeline with status tracking and error policy."""
-    from flexkd.pipeline import main_metric, output_dir_of, run
+    from flexkd.pipeline import main_metric, output_dir_of
 
     out = output_dir_of(cfg)
     if cfg.resume == "auto" and (done := finished_results(out)) is not None:
@@ -69,7 +69,7 @@ def run_job(cfg: DictConfig) -> float:
         return main_metric(done)
     write_status(out, "running")
     try:
-        results = run(cfg)
+        results = _stage(cfg)(cfg)
     except (Exception, KeyboardInterrupt) as e:
         user_error = isinstance(e, UserError)
         write_status(out, "failed", error=f"{type(e).__name__}: {e}",
@@ -88,6 +88,16 @@ def run_job(cfg: DictConfig) -> float:
     write_status(out, "success", main_metric=results.get("main_metric"),
                  value=main_metric(results))
     return main_metric(results)
+
+
+def _stage(cfg: DictConfig):
+    from flexkd.errors import ConfigError
+    from flexkd.pipeline import evaluate_only, run
+
+    stages = {"train": run, "eval": evaluate_only}
+    if cfg.stage not in stages:
+        raise ConfigError(f"stage={cfg.stage!r}; choose one of {sorted(stages)}")
+    return stages[cfg.stage]
 
 
 class SweepSummary(Callback):

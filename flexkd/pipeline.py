@@ -20,13 +20,23 @@ from omegaconf import DictConfig, OmegaConf
 from flexkd.checkpointing import ResumeCheckpoint, resume_path
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
+from flexkd.errors import ConfigError
+from flexkd.evaluation.evaluate import evaluate_on_task, merge_samples
 from flexkd.evaluation.harness_metrics import evaluate_model
 from flexkd.loggers import build_loggers, check_logger_config, finish_loggers
-from flexkd.models import build_model, load_tokenizer, save_model, total_parameters, trainable_parameters
+from flexkd.models import (
+    build_model,
+    load_saved_model,
+    load_tokenizer,
+    save_model,
+    total_parameters,
+    trainable_parameters,
+)
 from flexkd.reporting import environment, summary_table, write_results
 from flexkd.sources import resolve_source
 from flexkd.storage import default_cache_dir
 from flexkd.strategies import SetupContext, build_strategy
+from flexkd.teacher import evaluate_teacher, prepare_teacher
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +104,6 @@ def run(cfg: DictConfig) -> dict:
         student_tok, teacher_tok = load_tokenizers(cfg, resolve)
 
     with timings.stage("teacher"):
-        from flexkd.teacher import prepare_teacher
 
         teacher = prepare_teacher(cfg, task, teacher_tok, cache_dir, resolve)
 
@@ -133,8 +142,11 @@ def run(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=data, ckpt_path=resume_from)
 
     with timings.stage("evaluate"):
-        student_metrics = evaluate_model(student, data.test_dataloader(), desc="student test")
+        student_report = evaluate_on_task(student, student_tok, task, data.test_dataloader(),
+                                          cfg.eval)
+        teacher_report = evaluate_teacher(teacher, teacher_tok, task, cfg.eval)
         student_val = evaluate_model(student, data.val_dataloader(), desc="student validation")
+        samples = merge_samples(student_report["samples"], teacher_report["samples"])
 
     paths = {"results": str(out / "results.json"), "logs": str(out / "logs"),
              "student": str(out / "student") if cfg.save_student else None}
@@ -148,9 +160,11 @@ def run(cfg: DictConfig) -> dict:
         "strategy": name,
         "seed": int(cfg.seed),
         "main_metric": cfg.task.main_metric,
-        "metrics": {"student": student_metrics, "teacher": teacher.metrics.get("test", {}),
+        "metrics": {"student": student_report["metrics"], "teacher": teacher_report["metrics"],
                     "validation": {"student": student_val,
                                    "teacher": teacher.metrics.get("validation", {})}},
+        "eval_settings": student_report["settings"] or {"batch_size": cfg.data.eval_batch_size},
+        "samples": samples,
         "probe": strategy.diagnostics(),
         "params": {
             "student": total_parameters(student),
@@ -167,7 +181,42 @@ def run(cfg: DictConfig) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_results(out, results)
-    finish_loggers(loggers, results, student_dir=out / "student" if cfg.save_student else None)
+    finish_loggers(loggers, results, samples=samples,
+                   student_dir=out / "student" if cfg.save_student else None)
+    print(summary_table(results), flush=True)
+    return results
+
+
+def evaluate_only(cfg: DictConfig) -> dict:
+    """`stage=eval`: score a saved student (or any saved flexkd model dir) without training."""
+    if not cfg.get("eval_model"):
+        raise ConfigError("stage=eval needs eval_model=<dir>: a run's `student` directory "
+                          "(see paths.student in its results.json)")
+    out = output_dir_of(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = cache_dir_of(cfg)
+    timings = Timings()
+
+    def resolve(source: str) -> str:
+        return resolve_source(source, cache_dir)
+
+    with timings.stage("load"):
+        model, tokenizer = load_saved_model(resolve(str(cfg.eval_model)))
+        task = TaskSpec.from_config(cfg.task, resolve)
+        data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size)
+    with timings.stage("evaluate"):
+        report = evaluate_on_task(model, tokenizer, task, data.test_dataloader(), cfg.eval)
+    results = {
+        "stage": "eval", "model": str(cfg.eval_model), "pair": cfg.pair.name, "task": task.name,
+        "strategy": "eval", "seed": int(cfg.seed), "main_metric": cfg.task.main_metric,
+        "metrics": {"student": report["metrics"]},
+        "eval_settings": report["settings"] or {"batch_size": cfg.data.eval_batch_size},
+        "samples": report["samples"], "params": {"student": total_parameters(model)},
+        "timings": timings.seconds,
+        "paths": {"results": str(out / "results.json"), "logs": str(out)},
+        "environment": environment(), "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_results(out, results)
     print(summary_table(results), flush=True)
     return results
 

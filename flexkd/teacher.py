@@ -120,3 +120,26 @@ def prepare_teacher(cfg, task: TaskSpec, tokenizer, cache_dir: Path, resolve) ->
     return Teacher(model, key, metrics, {"cache_hit": False, "key": key, "path": str(entry),
                                          "finetune_seconds": finetune_seconds,
                                          "seconds": time.perf_counter() - start})
+
+
+def evaluate_teacher(teacher: Teacher, tokenizer, task: TaskSpec, eval_cfg) -> dict:
+    """The teacher's test report; lm-eval scores are cached in its cache entry per settings,
+    so a sweep scores each teacher once."""
+    from flexkd.evaluation.evaluate import evaluate_on_task, lm_eval_settings, uses_lm_eval
+    from flexkd.storage import atomic_write_json
+
+    harness = teacher.metrics.get("test", {})
+    if not uses_lm_eval(teacher.model, eval_cfg):
+        return {"metrics": harness, "samples": [], "settings": {}}
+    settings = lm_eval_settings(eval_cfg).__dict__ | {"tasks": list(eval_cfg.tasks)}
+    path = Path(teacher.info["path"]) / f"eval-{content_hash(settings)}.json"
+    try:
+        report = json.loads(path.read_text())
+        log.info("teacher lm-eval: cache hit %s", path)
+        return report
+    except (OSError, ValueError):
+        pass
+    report = evaluate_on_task(teacher.model, tokenizer, task, None, eval_cfg, who="teacher",
+                              harness_metrics=harness)
+    atomic_write_json(path, report)
+    return report

@@ -40,8 +40,8 @@ def run_cli(tmp_path, cache_dir):
     """Run `python run.py <overrides>` in a subprocess with output in tmp_path."""
 
     def launch(*overrides: str, multirun: bool = False, fast: bool = True, check: bool = True,
-               timeout: int = 600) -> RunResult:
-        out = tmp_path / "out"
+               timeout: int = 600, name: str = "out") -> RunResult:
+        out = tmp_path / name
         dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         args = [sys.executable, str(ROOT / "run.py")] + (["-m"] if multirun else [])
         args += (FAST if fast else []) + [f"cache_dir={cache_dir}", f"{dir_key}={out}"]

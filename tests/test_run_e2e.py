@@ -96,3 +96,16 @@ def test_sweep_of_three_strategies_and_two_seeds(run_cli):
         (s, seed) for s in ("flexkd", "projection", "sft") for seed in (0, 1))
     dirs = {r["paths"]["results"] for r in results}
     assert len(dirs) == 6
+
+
+def test_standalone_eval_reproduces_the_training_runs_scores(run_cli, tmp_path):
+    trained = run_cli("pair=tiny_causal", "task=tiny_instruct", "strategy=logit_kd",
+                      "eval.limit=16").results()
+    assert "rougeL" in trained["metrics"]["student"] and "rougeL" in trained["metrics"]["teacher"]
+    assert trained["samples"] and {"prompt", "reference", "student", "teacher"} <= set(trained["samples"][0])
+    evaluated = run_cli("stage=eval", f"eval_model={trained['paths']['student']}",
+                        "pair=tiny_causal", "task=tiny_instruct", "eval.limit=16", name="eval")
+    assert evaluated.results()["stage"] == "eval"
+    scores = evaluated.results()["metrics"]["student"]
+    for key in ("perplexity", "rougeL", "rouge1", "perplexity_word"):
+        assert scores[key] == pytest.approx(trained["metrics"]["student"][key], rel=1e-6), key

@@ -19,6 +19,14 @@ class Encoded:
     truncated: bool
 
 
+def _require_string(row: dict, key: str, where: str) -> None:
+    value = row.get(key)
+    if not isinstance(value, str):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise DataFileError(f"{where}: field {key!r} must be a string, got "
+                            f"{type(value).__name__} {shown}")
+
+
 def classification_label(row: dict, label_names: list[str], where: str) -> int:
     label = row.get("label")
     if isinstance(label, str) and label in label_names:
@@ -30,8 +38,7 @@ def classification_label(row: dict, label_names: list[str], where: str) -> int:
 
 
 def encode_classification(row: dict, tokenizer, max_length: int, label_names, where: str) -> Encoded:
-    if not isinstance(row.get("text"), str):
-        raise DataFileError(f"{where}: field 'text' must be a string")
+    _require_string(row, "text", where)
     ids = tokenizer(row["text"], truncation=False)["input_ids"]
     truncated = len(ids) > max_length
     if truncated:
@@ -42,8 +49,7 @@ def encode_classification(row: dict, tokenizer, max_length: int, label_names, wh
 
 def encode_instruction(row: dict, tokenizer, max_length: int, where: str) -> Encoded:
     for key in ("prompt", "response"):
-        if not isinstance(row.get(key), str):
-            raise DataFileError(f"{where}: field {key!r} must be a string")
+        _require_string(row, key, where)
     prompt = tokenizer(format_prompt(row["prompt"]), add_special_tokens=False)["input_ids"]
     if tokenizer.bos_token_id is not None:
         prompt = [tokenizer.bos_token_id] + prompt

@@ -6,11 +6,24 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexkd.errors import ConfigError
+from flexkd.errors import ConfigError, DataFileError
 from flexkd.storage import file_sha256
 
 FORMATS = ("classification", "instruction")
 SPLITS = ("train", "validation", "test")
+
+
+def read_meta(meta_path: Path) -> dict:
+    """A task folder's optional meta.json ({} when absent)."""
+    if not meta_path.exists():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataFileError(f"{meta_path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise DataFileError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 @dataclass
@@ -29,7 +42,7 @@ class TaskSpec:
                               f"got {cfg.get('format')!r}")
         data_dir = Path(resolve(str(cfg["data_dir"]))).expanduser().resolve()
         meta_path = data_dir / "meta.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = read_meta(meta_path)
         labels = list(cfg.get("label_names") or meta.get("label_names") or [])
         if cfg["format"] == "classification" and len(labels) < 2:
             raise ConfigError(f"task {cfg['name']!r}: a classification task needs label_names "

@@ -1,0 +1,69 @@
+"""Scoring one model on one task: the harness's own metrics, plus lm-eval for causal LMs.
+
+Both kinds land in one flat dict (accuracy / macro_f1 / mcc, or loss / perplexity, and for
+causal LMs lm-eval's rouge1/2/L, perplexity_word, acc ...), with the eval settings beside
+them, since lm-eval scores move with batch size, max tokens and seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+from omegaconf import OmegaConf
+
+from flexkd.data.tasks import TaskSpec
+from flexkd.evaluation.harness_metrics import evaluate_model
+from flexkd.models import TaskModel
+
+log = logging.getLogger(__name__)
+
+
+def lm_eval_settings(eval_cfg):
+    from flexkd.evaluation.lm_eval_bridge import LmEvalSettings
+
+    cfg = OmegaConf.to_container(eval_cfg, resolve=True) if OmegaConf.is_config(eval_cfg) else dict(eval_cfg)
+    return LmEvalSettings(batch_size=cfg["batch_size"], limit=cfg.get("limit"),
+                          max_gen_toks=cfg["max_gen_toks"], sampling=cfg["sampling"],
+                          temperature=cfg["temperature"], seeds=list(cfg["seeds"]),
+                          perplexity=cfg["perplexity"], max_length=cfg.get("max_length"))
+
+
+def uses_lm_eval(model: TaskModel, eval_cfg) -> bool:
+    return model.kind == "causal_lm" and bool(eval_cfg.lm_eval)
+
+
+def evaluate_on_task(model: TaskModel, tokenizer, task: TaskSpec, loader, eval_cfg,
+                     side: str = "student", who: str = "student",
+                     harness_metrics: dict | None = None) -> dict:
+    """{"metrics": {...}, "samples": [...], "settings": {...}} for the task's test split.
+
+    `harness_metrics`, when already known (a cached teacher), skips recomputing them."""
+    metrics = dict(harness_metrics) if harness_metrics is not None else evaluate_model(
+        model, loader, side=side, desc=f"{who} test")
+    report = {"metrics": metrics, "samples": [], "settings": {}}
+    if uses_lm_eval(model, eval_cfg):
+        from flexkd.evaluation.lm_eval_bridge import LmEvalTask, evaluate_causal_lm
+
+        settings = lm_eval_settings(eval_cfg)
+        lm_task = LmEvalTask(task.name, task.format, str(task.data_dir), "test",
+                             task.label_names or None)
+        log.info("lm-eval: scoring the %s on %s (%s)", who, task.name, asdict(settings))
+        scored = evaluate_causal_lm(model.backbone, tokenizer, lm_task, settings)
+        metrics.update(scored["metrics"])
+        report["samples"] = scored["samples"]
+        report["settings"] = scored["settings"]
+        if eval_cfg.tasks:
+            from flexkd.evaluation.lm_eval_bridge import evaluate_stock_tasks
+
+            metrics.update(evaluate_stock_tasks(model.backbone, tokenizer, list(eval_cfg.tasks),
+                                                settings)["metrics"])
+    return report
+
+
+def merge_samples(student: list[dict], teacher: list[dict]) -> list[dict]:
+    """One row per prompt: prompt, reference, the student's and the teacher's outputs."""
+    by_prompt = {s.get("prompt"): s.get("output") for s in teacher}
+    return [{"prompt": s.get("prompt"), "reference": s.get("reference"),
+             "student": s.get("output"), "teacher": by_prompt.get(s.get("prompt"))}
+            for s in student]
