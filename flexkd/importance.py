@@ -178,6 +178,11 @@ def run_probe(teacher: TaskModel, loader, cfg: ProbeConfig) -> ProbeResult:
     k = min(cfg.k, d)
     was_training = teacher.training
     teacher.eval()
+    # dF/dh needs a graph through h; a frozen teacher has none unless its weights track grads.
+    # (autograd.grad w.r.t. h computes no weight gradients.)
+    frozen = [p for p in teacher.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
     # Per-half accumulators (example n goes to half n % 2) give stability for free.
     sums = torch.zeros(2, d, dtype=torch.float64)
     covs = torch.zeros(2, d, d, dtype=torch.float64) if cfg.selection == "directions" else None
@@ -208,6 +213,8 @@ def run_probe(teacher: TaskModel, loader, cfg: ProbeConfig) -> ProbeResult:
             seen += h.shape[0]
     finally:
         teacher.train(was_training)
+        for p in frozen:
+            p.requires_grad_(False)
 
     extra: dict = {"layer": layer, "score": cfg.score, "selection": cfg.selection,
                    "target": cfg.target, "teacher_width": d}

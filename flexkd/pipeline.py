@@ -23,7 +23,7 @@ from flexkd.data.tasks import TaskSpec
 from flexkd.errors import ConfigError
 from flexkd.evaluation.evaluate import evaluate_on_task, merge_samples
 from flexkd.evaluation.harness_metrics import evaluate_model
-from flexkd.loggers import build_loggers, check_logger_config, finish_loggers
+from flexkd.loggers import build_loggers, finish_loggers
 from flexkd.models import (
     build_model,
     load_saved_model,
@@ -37,6 +37,7 @@ from flexkd.sources import resolve_source
 from flexkd.storage import default_cache_dir
 from flexkd.strategies import SetupContext, build_strategy
 from flexkd.teacher import evaluate_teacher, prepare_teacher
+from flexkd.validation import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ def run(cfg: DictConfig) -> dict:
     def resolve(source: str) -> str:
         return resolve_source(source, cache_dir)
 
-    check_logger_config(cfg)
     with timings.stage("assets"):
+        validate_config(cfg, resolve)
         task = TaskSpec.from_config(cfg.task, resolve)
         student_tok, teacher_tok = load_tokenizers(cfg, resolve)
 
@@ -201,6 +202,7 @@ def evaluate_only(cfg: DictConfig) -> dict:
         return resolve_source(source, cache_dir)
 
     with timings.stage("load"):
+        validate_config(cfg, resolve)
         model, tokenizer = load_saved_model(resolve(str(cfg.eval_model)))
         task = TaskSpec.from_config(cfg.task, resolve)
         data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size)

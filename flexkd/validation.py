@@ -438,8 +438,10 @@ def check_trainer(t: dict) -> None:
         _check_value("trainer.max_epochs", t["max_epochs"], int, {"ge": -1})
 
 
-def check_logger(cfg: DictConfig, lg: dict) -> None:
-    name = check_logger_config(cfg)  # the message users already know
+def check_logger(lg: dict) -> None:
+    if not isinstance(lg, dict):
+        raise ConfigError(f"logger={_show(lg)} is not a mapping; choose one with logger=csv|wandb")
+    name = check_logger_config({"logger": lg})  # the message users already know
     check_section("logger", lg, LOGGER_SCHEMAS[name], what=f"logger {name!r}")
     if name == "wandb" and lg.get("mode") is not None:
         resolve_mode(lg["mode"], env={}, logged_in=False)  # its message names logger.mode
@@ -457,10 +459,7 @@ def check_schema(cfg: DictConfig | dict, root_extra: set[str] | None = None) -> 
     for side in ("teacher", "student"):
         check_model_spec(f"pair.{side}", plain["pair"][side])
     check_trainer(plain["trainer"])
-    if isinstance(cfg, DictConfig):
-        check_logger(cfg, plain["logger"])
-    else:
-        check_logger(OmegaConf.create({"logger": plain["logger"]}), plain["logger"])
+    check_logger(plain["logger"])
     ft = plain["teacher_finetune"]
     if ft.get("enabled", True):
         for key in ("max_steps", "batch_size", "lr"):
@@ -527,7 +526,7 @@ def _resolve(key: str, source: str, resolve) -> str:
         return str(resolve(source))
     except UserError as e:
         raise ConfigError(f"{key}={source!r}: {e}") from e
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to find a source is reported at its key
         raise ConfigError(f"{key}={source!r} cannot be resolved: {_first_line(e)}") from e
 
 
