@@ -37,6 +37,7 @@ from flexkd.sources import resolve_source
 from flexkd.storage import default_cache_dir
 from flexkd.strategies import SetupContext, build_strategy
 from flexkd.teacher import evaluate_teacher, prepare_teacher
+from flexkd.training import autocast, make_trainer, runtime_device
 from flexkd.validation import validate_config
 
 log = logging.getLogger(__name__)
@@ -87,73 +88,63 @@ def strategy_kwargs(cfg: DictConfig) -> tuple[str, dict]:
     return kwargs.pop("name"), kwargs
 
 
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    cfg: DictConfig
+    out: Path
+    cache_dir: Path
+    timings: Timings = field(default_factory=Timings)
+
+    @classmethod
+    def create(cls, cfg: DictConfig) -> RunContext:
+        # Lightning's tips and device banners bury the run's own log lines.
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+        out = output_dir_of(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        return cls(cfg, out, cache_dir_of(cfg))
+
+    def resolve(self, source: str) -> str:
+        return resolve_source(source, self.cache_dir)
+
+    @property
+    def device(self):
+        return runtime_device(self.cfg.trainer)
+
+    def precision(self):
+        return autocast(self.cfg.trainer, self.device)
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one experiment end to end; returns the results dict (also written to disk)."""
-    # Lightning's tips and device banners bury the run's own log lines.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    out = output_dir_of(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    cache_dir = cache_dir_of(cfg)
-    timings = Timings()
-
-    def resolve(source: str) -> str:
-        return resolve_source(source, cache_dir)
-
-    with timings.stage("assets"):
-        validate_config(cfg, resolve)
-        task = TaskSpec.from_config(cfg.task, resolve)
-        student_tok, teacher_tok = load_tokenizers(cfg, resolve)
-
-    with timings.stage("teacher"):
-
-        teacher = prepare_teacher(cfg, task, teacher_tok, cache_dir, resolve)
+    ctx = RunContext.create(cfg)
+    with ctx.timings.stage("assets"):
+        validate_config(cfg, ctx.resolve)
+        task = TaskSpec.from_config(cfg.task, ctx.resolve)
+        student_tok, teacher_tok = load_tokenizers(cfg, ctx.resolve)
+    with ctx.timings.stage("teacher"):
+        teacher = prepare_teacher(cfg, task, teacher_tok, ctx.cache_dir, ctx.resolve)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     name, kwargs = strategy_kwargs(cfg)
     strategy = build_strategy(name, **kwargs)
-    student_spec = OmegaConf.to_container(cfg.pair.student, resolve=True)
-    student = build_model(student_spec, task.format, student_tok, task.label_names, resolve,
-                          seed=cfg.seed)
+    student = build_model(OmegaConf.to_container(cfg.pair.student, resolve=True), task.format,
+                          student_tok, task.label_names, ctx.resolve, seed=cfg.seed)
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
                              num_workers=cfg.data.num_workers)
     data.setup()
 
-    with timings.stage("probe"):
-        ctx = SetupContext(teacher=teacher.model, student=student, datamodule=data,
-                           cache_dir=str(cache_dir), teacher_fingerprint=teacher.fingerprint,
-                           seed=cfg.seed)
-        strategy.setup(ctx)
-
-    with timings.stage("distill"):
-        from flexkd.module import DistillationModule
-        from flexkd.training import make_trainer
-
-        module = DistillationModule(student, strategy, teacher=teacher.model if
-                                    strategy.needs_teacher else None, **cfg.optim)
-        loggers = build_loggers(cfg, out, {"pair": cfg.pair.name, "task": task.name,
-                                           "strategy": name, "seed": int(cfg.seed)})
-        checkpoints = out / "checkpoints"
-        if cfg.resume == "never":
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        resume_from = resume_path(checkpoints)
-        trainer = make_trainer(cfg.trainer, out, logger=loggers, callbacks=[
-            ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps)])
-        student.train()  # from_pretrained returns eval mode; dropout belongs to training
-        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
-
-    with timings.stage("evaluate"):
-        student_report = evaluate_on_task(student, student_tok, task, data.test_dataloader(),
-                                          cfg.eval)
-        teacher_report = evaluate_teacher(teacher, teacher_tok, task, cfg.eval)
-        student_val = evaluate_model(student, data.val_dataloader(), desc="student validation")
-        samples = merge_samples(student_report["samples"], teacher_report["samples"])
-
-    paths = {"results": str(out / "results.json"), "logs": str(out / "logs"),
-             "student": str(out / "student") if cfg.save_student else None}
+    with ctx.timings.stage("probe"):
+        setup_strategy(ctx, strategy, teacher, student, data)
+    with ctx.timings.stage("distill"):
+        trainer, loggers, resumed_from = distill(ctx, strategy, teacher, student, data, name)
+    with ctx.timings.stage("evaluate"):
+        reports = evaluate(ctx, task, teacher, student, student_tok, teacher_tok, data)
     if cfg.save_student:
-        with timings.stage("save"):
-            save_model(student, student_tok, out / "student")
+        with ctx.timings.stage("save"):
+            save_model(student, student_tok, ctx.out / "student")
 
     results = {
         "pair": cfg.pair.name,
@@ -161,11 +152,9 @@ def run(cfg: DictConfig) -> dict:
         "strategy": name,
         "seed": int(cfg.seed),
         "main_metric": cfg.task.main_metric,
-        "metrics": {"student": student_report["metrics"], "teacher": teacher_report["metrics"],
-                    "validation": {"student": student_val,
-                                   "teacher": teacher.metrics.get("validation", {})}},
-        "eval_settings": student_report["settings"] or {"batch_size": cfg.data.eval_batch_size},
-        "samples": samples,
+        "metrics": reports["metrics"],
+        "eval_settings": reports["settings"],
+        "samples": reports["samples"],
         "probe": strategy.diagnostics(),
         "params": {
             "student": total_parameters(student),
@@ -175,15 +164,72 @@ def run(cfg: DictConfig) -> dict:
         },
         "teacher": teacher.info,
         "train": {"steps": int(trainer.global_step),
-                  "resumed_from": str(resume_from) if resume_from else None},
-        "timings": timings.seconds,
-        "paths": paths,
-        "environment": environment(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+                  "resumed_from": str(resumed_from) if resumed_from else None},
     }
-    write_results(out, results)
-    finish_loggers(loggers, results, samples=samples,
-                   student_dir=out / "student" if cfg.save_student else None)
+    return report(ctx, results, loggers)
+
+
+def setup_strategy(ctx: RunContext, strategy, teacher, student, data) -> None:
+    """Strategy preparation: the Flex-KD probe (cached), a projector, pair checks."""
+    teacher.model.to(ctx.device)
+    with ctx.precision():
+        strategy.setup(SetupContext(teacher=teacher.model, student=student, datamodule=data,
+                                    cache_dir=str(ctx.cache_dir),
+                                    teacher_fingerprint=teacher.fingerprint, seed=ctx.cfg.seed))
+
+
+def distill(ctx: RunContext, strategy, teacher, student, data, name: str):
+    """Train the student with Lightning, resuming from the run's last checkpoint if any."""
+    from flexkd.module import DistillationModule
+
+    cfg = ctx.cfg
+    module = DistillationModule(student, strategy, teacher=teacher.model if
+                                strategy.needs_teacher else None, **cfg.optim)
+    loggers = build_loggers(cfg, ctx.out, {"pair": cfg.pair.name, "task": cfg.task.name,
+                                           "strategy": name, "seed": int(cfg.seed)})
+    checkpoints = ctx.out / "checkpoints"
+    if cfg.resume == "never":
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    resumed_from = resume_path(checkpoints)
+    trainer = make_trainer(cfg.trainer, ctx.out, logger=loggers, callbacks=[
+        ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps)])
+    student.train()  # from_pretrained returns eval mode; dropout belongs to training
+    trainer.fit(module, datamodule=data, ckpt_path=resumed_from)
+    return trainer, loggers, resumed_from
+
+
+def evaluate(ctx: RunContext, task, teacher, student, student_tok, teacher_tok, data) -> dict:
+    """Test metrics of student and teacher (the teacher's cached), validation metrics,
+    eval samples with both models' outputs."""
+    student.to(ctx.device)
+    with ctx.precision():
+        student_report = evaluate_on_task(student, student_tok, task, data.test_dataloader(),
+                                          ctx.cfg.eval)
+        teacher_report = evaluate_teacher(teacher, teacher_tok, task, ctx.cfg.eval)
+        student_val = evaluate_model(student, data.val_dataloader(), desc="student validation")
+    return {
+        "metrics": {"student": student_report["metrics"], "teacher": teacher_report["metrics"],
+                    "validation": {"student": student_val,
+                                   "teacher": teacher.metrics.get("validation", {})}},
+        "settings": student_report["settings"] or {"batch_size": ctx.cfg.data.eval_batch_size},
+        "samples": merge_samples(student_report["samples"], teacher_report["samples"]),
+    }
+
+
+def report(ctx: RunContext, results: dict, loggers=()) -> dict:
+    """Complete results.json (timings, paths, environment, config), write it atomically, hand
+    it to the loggers and print the summary table."""
+    student_dir = ctx.out / "student"
+    results.update({
+        "timings": ctx.timings.seconds,
+        "paths": {"results": str(ctx.out / "results.json"), "logs": str(ctx.out / "logs"),
+                  "student": str(student_dir) if student_dir.exists() else None},
+        "environment": environment(),
+        "config": OmegaConf.to_container(ctx.cfg, resolve=True),
+    })
+    write_results(ctx.out, results)
+    finish_loggers(list(loggers), results, samples=results.get("samples"),
+                   student_dir=student_dir if student_dir.exists() else None)
     print(summary_table(results), flush=True)
     return results
 
@@ -193,34 +239,22 @@ def evaluate_only(cfg: DictConfig) -> dict:
     if not cfg.get("eval_model"):
         raise ConfigError("stage=eval needs eval_model=<dir>: a run's `student` directory "
                           "(see paths.student in its results.json)")
-    out = output_dir_of(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    cache_dir = cache_dir_of(cfg)
-    timings = Timings()
-
-    def resolve(source: str) -> str:
-        return resolve_source(source, cache_dir)
-
-    with timings.stage("load"):
-        validate_config(cfg, resolve)
-        model, tokenizer = load_saved_model(resolve(str(cfg.eval_model)))
-        task = TaskSpec.from_config(cfg.task, resolve)
+    ctx = RunContext.create(cfg)
+    with ctx.timings.stage("load"):
+        validate_config(cfg, ctx.resolve)
+        model, tokenizer = load_saved_model(ctx.resolve(str(cfg.eval_model)))
+        task = TaskSpec.from_config(cfg.task, ctx.resolve)
         data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size)
-    with timings.stage("evaluate"):
-        report = evaluate_on_task(model, tokenizer, task, data.test_dataloader(), cfg.eval)
-    results = {
+    model.to(ctx.device)
+    with ctx.timings.stage("evaluate"), ctx.precision():
+        scored = evaluate_on_task(model, tokenizer, task, data.test_dataloader(), cfg.eval)
+    return report(ctx, {
         "stage": "eval", "model": str(cfg.eval_model), "pair": cfg.pair.name, "task": task.name,
         "strategy": "eval", "seed": int(cfg.seed), "main_metric": cfg.task.main_metric,
-        "metrics": {"student": report["metrics"]},
-        "eval_settings": report["settings"] or {"batch_size": cfg.data.eval_batch_size},
-        "samples": report["samples"], "params": {"student": total_parameters(model)},
-        "timings": timings.seconds,
-        "paths": {"results": str(out / "results.json"), "logs": str(out)},
-        "environment": environment(), "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    write_results(out, results)
-    print(summary_table(results), flush=True)
-    return results
+        "metrics": {"student": scored["metrics"]},
+        "eval_settings": scored["settings"] or {"batch_size": cfg.data.eval_batch_size},
+        "samples": scored["samples"], "params": {"student": total_parameters(model)},
+    })
 
 
 def main_metric(results: dict) -> float:

@@ -18,7 +18,8 @@ from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.evaluation.harness_metrics import evaluate_model
 from flexkd.models import TaskModel, build_model, load_saved_model, save_model
-from flexkd.storage import atomic_directory, content_hash
+from flexkd.storage import atomic_directory, content_hash, file_sha256
+from flexkd.training import autocast, make_trainer, runtime_device
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,21 @@ def teacher_key(spec: dict, task: TaskSpec, finetune: dict | None) -> str:
                          "finetune": finetune})
 
 
-def _valid_entry(path: Path, key: str, needs_model: bool) -> bool:
+def file_manifest(root: Path) -> dict[str, dict]:
+    """Size and sha256 of every file below `root` (the entry's content record)."""
+    return {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def _valid_entry(path: Path, key: str) -> bool:
+    """The entry is the one for `key` and every recorded file is there at its recorded size
+    (a cheap check on each load; torn or truncated files fail it)."""
     try:
         marker = json.loads((path / MARKER).read_text())
-        metrics_ok = (path / "metrics.json").is_file()
-        model_ok = not needs_model or (path / "model" / "flexkd_classifier.json").is_file()
-        return marker.get("key") == key and metrics_ok and model_ok
-    except (OSError, ValueError):
+        files = marker["files"]
+        return marker.get("key") == key and "metrics.json" in files and all(
+            (path / rel).stat().st_size == info["size"] for rel, info in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -60,7 +69,6 @@ def finetune_teacher(model: TaskModel, task: TaskSpec, tokenizer, finetune: dict
 
     from flexkd.module import DistillationModule
     from flexkd.strategies import build_strategy
-    from flexkd.training import make_trainer
 
     L.seed_everything(finetune.get("seed", 0), workers=True, verbose=False)
     data = DistillDataModule(task, tokenizer, batch_size=finetune["batch_size"],
@@ -85,14 +93,19 @@ def prepare_teacher(cfg, task: TaskSpec, tokenizer, cache_dir: Path, resolve) ->
     entry = cache_dir / "teachers" / key
     start = time.perf_counter()
 
-    if _valid_entry(entry, key, needs_model=finetune is not None):
-        model = (load_saved_model(entry / "model")[0] if finetune is not None else
-                 build_model(spec, task.format, tokenizer, task.label_names, resolve,
-                             seed=spec.get("init_seed", 0)))
-        metrics = json.loads((entry / "metrics.json").read_text())
-        log.info("teacher: cache hit %s", entry)
-        return Teacher(model, key, metrics, {"cache_hit": True, "key": key, "path": str(entry),
-                                             "seconds": time.perf_counter() - start})
+    if _valid_entry(entry, key):
+        try:
+            model = (load_saved_model(entry / "model")[0] if finetune is not None else
+                     build_model(spec, task.format, tokenizer, task.label_names, resolve,
+                                 seed=spec.get("init_seed", 0)))
+            metrics = json.loads((entry / "metrics.json").read_text())
+            log.info("teacher: cache hit %s", entry)
+            return Teacher(model, key, metrics, {"cache_hit": True, "key": key,
+                                                 "path": str(entry),
+                                                 "seconds": time.perf_counter() - start})
+        except Exception as e:  # noqa: BLE001  (any unloadable entry is rebuilt, never trusted)
+            log.warning("teacher cache entry %s does not load (%s: %s)", entry,
+                        type(e).__name__, e)
     if entry.exists():
         log.warning("teacher cache entry %s is incomplete or corrupt; rebuilding it", entry)
 
@@ -106,15 +119,19 @@ def prepare_teacher(cfg, task: TaskSpec, tokenizer, cache_dir: Path, resolve) ->
         finetune_teacher(model, task, tokenizer, finetune, cfg.trainer, cache_dir / "tmp")
         finetune_seconds = time.perf_counter() - t0
     eval_data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size)
-    metrics = {split: evaluate_model(model, loader, desc=f"teacher {split}") for split, loader in
-               (("validation", eval_data.val_dataloader()), ("test", eval_data.test_dataloader()))}
+    device = runtime_device(cfg.trainer)
+    with autocast(cfg.trainer, device):
+        metrics = {split: evaluate_model(model.to(device), loader, desc=f"teacher {split}")
+                   for split, loader in (("validation", eval_data.val_dataloader()),
+                                         ("test", eval_data.test_dataloader()))}
 
     def fill(tmp: Path) -> None:
         if finetune is not None:
             save_model(model, tokenizer, tmp / "model")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / MARKER).write_text(json.dumps({"key": key, "spec": spec, "finetune": finetune,
-                                              "finetune_seconds": finetune_seconds}, indent=2))
+                                              "finetune_seconds": finetune_seconds,
+                                              "files": file_manifest(tmp)}, indent=2))
 
     atomic_directory(entry, fill)
     return Teacher(model, key, metrics, {"cache_hit": False, "key": key, "path": str(entry),

@@ -16,8 +16,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Short budgets for end-to-end runs on 2 CPU cores.
-FAST = ["trainer.max_steps=6", "trainer.enable_progress_bar=false", "teacher_finetune.max_steps=40",
-        "data.batch_size=16"]
+FAST = ["trainer.max_steps=6", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
+        "teacher_finetune.max_steps=40", "data.batch_size=16"]
 
 
 @pytest.fixture(scope="session")

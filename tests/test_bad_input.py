@@ -393,11 +393,28 @@ def test_every_shipped_option_passes_the_schemas(tmp_path):
     from flexkd.validation import check_schema
 
     env = Env(tmp_path)
-    groups = ["pair", "task", "strategy", "trainer", "logger", "teacher_finetune"]
+    groups = ["pair", "task", "strategy", "trainer", "logger", "teacher_finetune", "eval",
+              "experiment"]
     for group in groups:
         for option in _options(group):
             base = tuple(b for b in BASE if not b.startswith(f"{group}="))
             check_schema(env.compose(f"{group}={option}", base=base))
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_job_of_every_experiment_sweep_passes_the_schemas(experiment, tmp_path):
+    """An experiment's sweeper params expand to jobs; each job's config must be valid."""
+    import itertools
+
+    from flexkd.validation import check_schema
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra_cfg = compose("config", overrides=[f"experiment={experiment}"],
+                            return_hydra_config=True)
+    params = dict(hydra_cfg.hydra.sweeper.get("params") or {})
+    axes = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+    for job in itertools.product(*axes) if axes else [()]:
+        check_schema(Env(tmp_path).compose(f"experiment={experiment}", *job, base=()))
 
 
 @pytest.mark.parametrize("pair,task,strategies", [

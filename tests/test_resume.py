@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 RUN = ["pair=tiny_encoder", "task=tiny_cls", "strategy=projection", "seed=3",
        "trainer.max_steps=60", "checkpoint.every_n_steps=5", "trainer.deterministic=true",
-       "teacher_finetune.max_steps=40", "trainer.enable_progress_bar=false"]
+       "teacher_finetune.max_steps=40", "trainer.enable_progress_bar=false",
+       "trainer.precision=32-true"]
 
 
 def command(out, cache_dir, *extra):
