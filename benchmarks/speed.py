@@ -23,7 +23,7 @@ import torch
 import flexkd.cli  # noqa: F401  (offline defaults, resolvers)
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
-from flexkd.models import build_model, trainable_parameters
+from flexkd.models import build_model, trainable_parameters, uses_label_words
 from flexkd.pipeline import cache_dir_of, load_tokenizers, strategy_kwargs
 from flexkd.sources import resolve_source
 from flexkd.strategies import SetupContext, build_strategy
@@ -72,10 +72,11 @@ def main(argv=None) -> dict:
     task = TaskSpec.from_config(cfg.task, resolve)
     student_tok, teacher_tok = load_tokenizers(cfg, resolve)
     plain = lambda node: {k: v for k, v in node.items()}  # noqa: E731
+    label_words = uses_label_words(cfg.pair)
     teacher = build_model(plain(cfg.pair.teacher), task.format, teacher_tok, task.label_names,
-                          resolve).to(args.device).eval().requires_grad_(False)
+                          resolve, label_words=label_words).to(args.device).eval().requires_grad_(False)
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
-                             seed=0)
+                             seed=0, label_words=label_words)
     batches = []
     for i, batch in enumerate(data.train_dataloader()):
         if i >= args.steps + args.warmup:
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
     for name in args.strategies.split(","):
         torch.manual_seed(0)
         student = build_model(plain(cfg.pair.student), task.format, student_tok,
-                              task.label_names, resolve).to(args.device).train()
+                              task.label_names, resolve, label_words=label_words).to(args.device).train()
         _, kwargs = strategy_kwargs(compose([f"strategy={name}"]))
         strategy = build_strategy(name, **kwargs)
         start = time.perf_counter()

@@ -89,9 +89,10 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x = x - x.mean(dim=0, keepdim=True)
     y = y - y.mean(dim=0, keepdim=True)
     cross = (y.T @ x).pow(2).sum()
-    norm_x = (x.T @ x).pow(2).sum().sqrt()
-    norm_y = (y.T @ y).pow(2).sum().sqrt()
-    return cross / (norm_x * norm_y + EPS)
+    # clamp before sqrt: one valid token centres to zero, and sqrt'(0) would give NaN grads.
+    norm_x = (x.T @ x).pow(2).sum().clamp_min(EPS).sqrt()
+    norm_y = (y.T @ y).pow(2).sum().clamp_min(EPS).sqrt()
+    return cross / (norm_x * norm_y)
 
 
 def cka_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -221,16 +221,24 @@ def _backbone(spec: dict, head: str, tokenizer, resolve, seed: int) -> nn.Module
     return model.to(dtype)
 
 
+def uses_label_words(pair) -> bool:
+    """Causal pairs may solve classification by writing label words (`pair.classify_with`)."""
+    return pair.get("classify_with", "head") == "label_words"
+
+
 def build_model(spec: dict, task_format: str, tokenizer, label_names=None,
-                resolve=lambda s: s, seed: int = 0) -> TaskModel:
-    """A TaskModel for `task_format` ('classification' or 'instruction') from a config spec."""
-    if task_format == "classification":
+                resolve=lambda s: s, seed: int = 0, label_words: bool = False) -> TaskModel:
+    """A TaskModel for `task_format` ('classification' or 'instruction') from a config spec.
+
+    With `label_words`, a classification task is solved by a causal LM that writes the label's
+    name after the text (scored as multiple choice), instead of by a linear head."""
+    if task_format == "classification" and not label_words:
         backbone = _backbone(spec, "encoder", tokenizer, resolve, seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1)
             model = SequenceClassifier(backbone, len(label_names), label_names)
         return model.to(backbone.dtype)
-    if task_format == "instruction":
+    if task_format == "instruction" or label_words:
         backbone = _backbone(spec, "causal_lm", tokenizer, resolve, seed)
         if not hasattr(backbone, "get_output_embeddings") or backbone.get_output_embeddings() is None:
             raise ConfigError(f"model {spec.get('name')!r} has no LM head; instruction tasks need "

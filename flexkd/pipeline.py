@@ -31,6 +31,7 @@ from flexkd.models import (
     save_model,
     total_parameters,
     trainable_parameters,
+    uses_label_words,
 )
 from flexkd.reporting import environment, summary_table, write_results
 from flexkd.sources import resolve_source
@@ -129,11 +130,13 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     name, kwargs = strategy_kwargs(cfg)
     strategy = build_strategy(name, **kwargs)
+    label_words = uses_label_words(cfg.pair)
     student = build_model(OmegaConf.to_container(cfg.pair.student, resolve=True), task.format,
-                          student_tok, task.label_names, ctx.resolve, seed=cfg.seed)
+                          student_tok, task.label_names, ctx.resolve, seed=cfg.seed,
+                          label_words=label_words)
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers)
+                             num_workers=cfg.data.num_workers, label_words=label_words)
     data.setup()
 
     with ctx.timings.stage("probe"):
@@ -244,7 +247,8 @@ def evaluate_only(cfg: DictConfig) -> dict:
         validate_config(cfg, ctx.resolve)
         model, tokenizer = load_saved_model(ctx.resolve(str(cfg.eval_model)))
         task = TaskSpec.from_config(cfg.task, ctx.resolve)
-        data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size)
+        data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size,
+                                 label_words=model.kind == "causal_lm")
     model.to(ctx.device)
     with ctx.timings.stage("evaluate"), ctx.precision():
         scored = evaluate_on_task(model, tokenizer, task, data.test_dataloader(), cfg.eval)

@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
+from flexkd.evaluation.evaluate import single_token_label_ids
 from flexkd.evaluation.harness_metrics import evaluate_model
-from flexkd.models import TaskModel, build_model, load_saved_model, save_model
+from flexkd.models import TaskModel, build_model, load_saved_model, save_model, uses_label_words
 from flexkd.storage import atomic_directory, content_hash, file_sha256
 from flexkd.training import autocast, make_trainer, runtime_device
 
@@ -63,7 +64,7 @@ def _valid_entry(path: Path, key: str) -> bool:
 
 
 def finetune_teacher(model: TaskModel, task: TaskSpec, tokenizer, finetune: dict, trainer_cfg,
-                     work_dir: Path) -> None:
+                     work_dir: Path, label_words: bool = False) -> None:
     """Train the teacher on the task with the task loss alone (the `sft` strategy)."""
     import lightning as L
 
@@ -72,7 +73,7 @@ def finetune_teacher(model: TaskModel, task: TaskSpec, tokenizer, finetune: dict
 
     L.seed_everything(finetune.get("seed", 0), workers=True, verbose=False)
     data = DistillDataModule(task, tokenizer, batch_size=finetune["batch_size"],
-                             seed=finetune.get("seed", 0))
+                             seed=finetune.get("seed", 0), label_words=label_words)
     module = DistillationModule(model, build_strategy("sft"), teacher=None, lr=finetune["lr"],
                                 weight_decay=finetune.get("weight_decay", 0.01),
                                 warmup_ratio=finetune.get("warmup_ratio", 0.1),
@@ -86,7 +87,8 @@ def finetune_teacher(model: TaskModel, task: TaskSpec, tokenizer, finetune: dict
 
 
 def prepare_teacher(cfg, task: TaskSpec, tokenizer, cache_dir: Path, resolve) -> Teacher:
-    spec = _plain(cfg.pair.teacher)
+    label_words = uses_label_words(cfg.pair)
+    spec = _plain(cfg.pair.teacher) | ({"classify_with": "label_words"} if label_words else {})
     ft = _plain(cfg.teacher_finetune)
     finetune = ft if ft.get("enabled") else None
     key = teacher_key(spec, task, finetune)
@@ -97,7 +99,7 @@ def prepare_teacher(cfg, task: TaskSpec, tokenizer, cache_dir: Path, resolve) ->
         try:
             model = (load_saved_model(entry / "model")[0] if finetune is not None else
                      build_model(spec, task.format, tokenizer, task.label_names, resolve,
-                                 seed=spec.get("init_seed", 0)))
+                                 seed=spec.get("init_seed", 0), label_words=label_words))
             metrics = json.loads((entry / "metrics.json").read_text())
             log.info("teacher: cache hit %s", entry)
             return Teacher(model, key, metrics, {"cache_hit": True, "key": key,
@@ -110,18 +112,22 @@ def prepare_teacher(cfg, task: TaskSpec, tokenizer, cache_dir: Path, resolve) ->
         log.warning("teacher cache entry %s is incomplete or corrupt; rebuilding it", entry)
 
     model = build_model(spec, task.format, tokenizer, task.label_names, resolve,
-                        seed=spec.get("init_seed", 0))
+                        seed=spec.get("init_seed", 0), label_words=label_words)
     finetune_seconds = 0.0
     if finetune is not None:
         log.info("teacher: fine-tuning %s on %s for %d steps", spec.get("name"), task.name,
                  finetune["max_steps"])
         t0 = time.perf_counter()
-        finetune_teacher(model, task, tokenizer, finetune, cfg.trainer, cache_dir / "tmp")
+        finetune_teacher(model, task, tokenizer, finetune, cfg.trainer, cache_dir / "tmp",
+                         label_words)
         finetune_seconds = time.perf_counter() - t0
-    eval_data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size)
+    eval_data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size,
+                                  label_words=label_words)
     device = runtime_device(cfg.trainer)
+    label_ids = single_token_label_ids(model, tokenizer, task)
     with autocast(cfg.trainer, device):
-        metrics = {split: evaluate_model(model.to(device), loader, desc=f"teacher {split}")
+        metrics = {split: evaluate_model(model.to(device), loader, desc=f"teacher {split}",
+                                         label_ids=label_ids)
                    for split, loader in (("validation", eval_data.val_dataloader()),
                                          ("test", eval_data.test_dataloader()))}
 

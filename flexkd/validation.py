@@ -121,6 +121,9 @@ class PairSchema:
     name: str = spec(required=True, doc="the pair's name")
     teacher: ModelSpecSchema = spec(factory=ModelSpecSchema, required=True, doc="the teacher")
     student: ModelSpecSchema = spec(factory=ModelSpecSchema, required=True, doc="the student")
+    classify_with: str = spec("head", choices=("head", "label_words"),
+                              doc="classification tasks: a linear head on the pooled state, or "
+                              "the causal LM scoring label words (lm-eval multiple choice)")
 
 
 @dataclass

@@ -76,12 +76,9 @@ def tok():
 
 
 def _model_ids(tok, text: str) -> list[int]:
-    """What the model should be fed for `text`: `tok(text)` minus the special tokens a
-    tokenizer appends (a trailing [SEP] would split context from continuation wrongly)."""
-    bare = tok(text, add_special_tokens=False)["input_ids"]
-    full = tok(text)["input_ids"]
-    start = next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
-    return full[: start + len(bare)]
+    """What the model should be fed for `text`: what it was trained on, [BOS] + the text's
+    tokens (no trailing [SEP], which would split context from continuation wrongly)."""
+    return [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
 
 
 def _tiny_llama(tok, seed: int = 0):
@@ -164,13 +161,19 @@ def test_task_paths_are_absolute_and_formats_checked(monkeypatch, tmp_path):
         LmEvalTask(name="t", format="classification", data_dir="data")
 
 
-def test_special_token_layout():
-    # `[CLS] $A [SEP]`: the trailing [SEP] must not reach lm-eval's context/continuation split.
-    special = _special_tokens(_own_tokenizer(post_processor=True))
-    assert special.add_special_tokens is False
-    assert special.context_prefix == "[CLS]" and special.prefix_token_id == 2
-    plain = _special_tokens(_own_tokenizer(post_processor=False))
-    assert plain.add_special_tokens is None and plain.context_prefix == ""
+def test_contexts_start_exactly_as_in_training():
+    # The harness trains on [BOS] + text (no other specials): lm-eval must see the same ids,
+    # whatever the tokenizer's post-processor adds (`[CLS] $A [SEP]` here).
+    from flexkd.data.encoding import causal_context
+
+    for post_processor in (True, False):
+        tok = _own_tokenizer(post_processor=post_processor)
+        special = _special_tokens(tok)
+        assert special.add_special_tokens is False
+        assert special.context_prefix == tok.bos_token and special.prefix_token_id == tok.bos_token_id
+        text = "reverse: a b c"
+        seen = tok(special.context_prefix + text, add_special_tokens=False)["input_ids"]
+        assert seen == causal_context(tok, text)
 
 
 def test_instruction_greedy_metrics_samples_and_state(model, tok, instruct_task, instruct_rows):

@@ -109,3 +109,16 @@ def test_standalone_eval_reproduces_the_training_runs_scores(run_cli, tmp_path):
     scores = evaluated.results()["metrics"]["student"]
     for key in ("perplexity", "rougeL", "rouge1", "perplexity_word"):
         assert scores[key] == pytest.approx(trained["metrics"]["student"][key], rel=1e-6), key
+
+
+def test_classification_on_a_causal_pair_is_scored_as_multiple_choice(run_cli):
+    r = run_cli("pair=tiny_causal", "task=tiny_cls", "strategy=flexkd", "eval.limit=64",
+                "task.max_test_examples=64").results()
+    student, teacher = r["metrics"]["student"], r["metrics"]["teacher"]
+    # lm-eval's multiple-choice acc and the harness's own label-word accuracy score the same
+    # thing (one-token label words), so they agree exactly.
+    assert student["acc"] == pytest.approx(student["accuracy"])
+    assert teacher["acc"] == pytest.approx(teacher["accuracy"])
+    assert teacher["accuracy"] > 0.6, "the causal teacher did not learn the label words"
+    assert r["eval_settings"]["lm_eval_version"]
+    assert r["probe"]["probes"][0]["k"] == 32

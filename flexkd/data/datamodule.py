@@ -8,7 +8,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from flexkd.data.encoding import encode_classification, encode_instruction
+from flexkd.data.encoding import (
+    encode_classification,
+    encode_instruction,
+    encode_label_words,
+)
 from flexkd.data.jsonl import read_jsonl
 from flexkd.data.sampling import ResumableBatchSampler
 from flexkd.data.tasks import SPLITS, TaskSpec
@@ -49,7 +53,7 @@ class DistillDataModule(L.LightningDataModule):
 
     def __init__(self, task: TaskSpec, student_tokenizer, teacher_tokenizer=None,
                  batch_size: int = 16, eval_batch_size: int | None = None, seed: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, label_words: bool = False):
         super().__init__()
         self.task = task
         self.tokenizers = {"student": student_tokenizer,
@@ -59,10 +63,14 @@ class DistillDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.label_words = label_words and task.format == "classification"
         self.splits: dict[str, list[dict]] = {}
 
     # -------------------------------------------------------------- encoding
     def _encode(self, row: dict, tokenizer, where: str):
+        if self.label_words:
+            return encode_label_words(row, tokenizer, self.task.max_length,
+                                      self.task.label_names, where)
         if self.task.format == "classification":
             return encode_classification(row, tokenizer, self.task.max_length,
                                          self.task.label_names, where)

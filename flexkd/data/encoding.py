@@ -5,7 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from flexkd.data.formatting import format_prompt, format_response
+from flexkd.data.formatting import (
+    format_classification_context,
+    format_label_choice,
+    format_prompt,
+    format_response,
+)
 from flexkd.data.jsonl import DataFileError
 from flexkd.models import IGNORE_INDEX
 
@@ -50,17 +55,43 @@ def encode_classification(row: dict, tokenizer, max_length: int, label_names, wh
 def encode_instruction(row: dict, tokenizer, max_length: int, where: str) -> Encoded:
     for key in ("prompt", "response"):
         _require_string(row, key, where)
-    prompt = tokenizer(format_prompt(row["prompt"]), add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        prompt = [tokenizer.bos_token_id] + prompt
+    prompt = causal_context(tokenizer, format_prompt(row["prompt"]))
     response = tokenizer(format_response(row["response"]), add_special_tokens=False)["input_ids"]
     response = response + [tokenizer.eos_token_id]
     truncated = len(prompt) + len(response) > max_length
     if truncated:
         # Keep the response (what is scored) and the end of the prompt (next to it).
         response = response[: max(max_length // 2, max_length - len(prompt))]
-        keep = max_length - len(response)
-        prompt = prompt[:1] + prompt[len(prompt) - keep + 1:] if keep > 1 else prompt[:keep]
+        prompt = keep_end(prompt, max_length - len(response))
     ids = prompt + response
     labels = [IGNORE_INDEX] * len(prompt) + response
     return Encoded(ids, labels, truncated)
+
+
+def keep_end(context: list[int], keep: int) -> list[int]:
+    """The first token (BOS) and the last keep-1 tokens: the end sits next to the target."""
+    return context[:1] + context[len(context) - keep + 1:] if keep > 1 else context[:keep]
+
+
+def causal_context(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def label_word_ids(tokenizer, label_names: list[str]) -> list[list[int]]:
+    """Token ids of each label's continuation (exactly what lm-eval scores as a choice)."""
+    return [tokenizer(format_label_choice(n), add_special_tokens=False)["input_ids"]
+            for n in label_names]
+
+
+def encode_label_words(row: dict, tokenizer, max_length: int, label_names, where: str) -> Encoded:
+    """A classification row for a causal LM: context = text + answer cue, target = the label
+    word (no EOS, so training matches multiple-choice scoring). Long texts lose their start."""
+    _require_string(row, "text", where)
+    label = classification_label(row, label_names, where)
+    target = label_word_ids(tokenizer, label_names)[label]
+    context = causal_context(tokenizer, format_classification_context(row["text"]))
+    truncated = len(context) + len(target) > max_length
+    if truncated:
+        context = keep_end(context, max_length - len(target))
+    return Encoded(context + target, [IGNORE_INDEX] * len(context) + target, truncated)

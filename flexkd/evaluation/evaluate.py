@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 from omegaconf import OmegaConf
 
+from flexkd.data.encoding import label_word_ids
 from flexkd.data.tasks import TaskSpec
 from flexkd.evaluation.harness_metrics import evaluate_model
 from flexkd.models import TaskModel
@@ -29,6 +30,19 @@ def lm_eval_settings(eval_cfg):
                           perplexity=cfg["perplexity"], max_length=cfg.get("max_length"))
 
 
+def single_token_label_ids(model: TaskModel, tokenizer, task: TaskSpec) -> list[int] | None:
+    """For a causal LM on a classification task whose label words are one token each: those
+    tokens (the harness then scores accuracy itself; lm-eval's `acc` covers longer labels)."""
+    if model.kind != "causal_lm" or task.format != "classification":
+        return None
+    ids = label_word_ids(tokenizer, task.label_names)
+    if all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(ids):
+        return [i[0] for i in ids]
+    log.info("label words of %s are not single distinct tokens: accuracy comes from lm-eval "
+             "(`acc`) only", task.name)
+    return None
+
+
 def uses_lm_eval(model: TaskModel, eval_cfg) -> bool:
     return model.kind == "causal_lm" and bool(eval_cfg.lm_eval)
 
@@ -40,7 +54,8 @@ def evaluate_on_task(model: TaskModel, tokenizer, task: TaskSpec, loader, eval_c
 
     `harness_metrics`, when already known (a cached teacher), skips recomputing them."""
     metrics = dict(harness_metrics) if harness_metrics is not None else evaluate_model(
-        model, loader, side=side, desc=f"{who} test")
+        model, loader, side=side, desc=f"{who} test",
+        label_ids=single_token_label_ids(model, tokenizer, task))
     report = {"metrics": metrics, "samples": [], "settings": {}}
     if uses_lm_eval(model, eval_cfg):
         from flexkd.evaluation.lm_eval_bridge import LmEvalTask, evaluate_causal_lm

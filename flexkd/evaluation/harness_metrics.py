@@ -12,16 +12,44 @@ from torchmetrics.functional.classification import (
 )
 from tqdm.auto import tqdm
 
-from flexkd.models import TaskModel
+from flexkd.models import IGNORE_INDEX, TaskModel, response_positions
+
+
+def label_word_predictions(logits: torch.Tensor, labels: torch.Tensor,
+                           label_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pred, gold) class indices of causal-LM classification with one-token label words:
+    the argmax over the label tokens at the position that predicts the label."""
+    positions = response_positions(labels)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    first = positions.int().argmax(1)
+    candidates = torch.tensor(label_ids, device=logits.device)
+    pred = logits[rows, first][:, candidates].argmax(-1)
+    gold_token = labels[rows, first + 1]
+    gold = (gold_token.unsqueeze(-1) == candidates).int().argmax(-1)
+    return pred, gold
+
+
+def classification_metrics(pred: torch.Tensor, gold: torch.Tensor, classes: int) -> dict:
+    return {
+        "accuracy": float(multiclass_accuracy(pred, gold, classes, average="micro")),
+        "macro_f1": float(multiclass_f1_score(pred, gold, classes, average="macro")),
+        "mcc": float(multiclass_matthews_corrcoef(pred, gold, classes)),
+        "examples": int(gold.numel()),
+    }
 
 
 @torch.no_grad()
-def evaluate_model(model: TaskModel, loader, side: str = "student", desc: str = "evaluate") -> dict:
-    """Metrics of `model` on a loader of harness batches, reading the given tokenizer side."""
+def evaluate_model(model: TaskModel, loader, side: str = "student", desc: str = "evaluate",
+                   label_ids: list[int] | None = None) -> dict:
+    """Metrics of `model` on a loader of harness batches, reading the given tokenizer side.
+
+    Classifier heads: accuracy, macro-F1, MCC. Causal LMs: loss and perplexity of the target
+    tokens, plus the classification metrics when `label_ids` (one token per label word) are
+    given for a classification task."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    preds, labels = [], []
+    preds, golds = [], []
     nll, tokens = 0.0, 0
     try:
         for batch in tqdm(loader, desc=desc, leave=False, disable=None):
@@ -29,21 +57,22 @@ def evaluate_model(model: TaskModel, loader, side: str = "student", desc: str = 
             out = model(inputs)
             if model.kind == "classifier":
                 preds.append(out.logits.argmax(-1).cpu())
-                labels.append(inputs["labels"].cpu())
-            else:
-                n = int((inputs["labels"][:, 1:] != -100).sum())
-                nll += float(out.loss) * n
-                tokens += n
+                golds.append(inputs["labels"].cpu())
+                continue
+            n = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+            nll += float(out.loss) * n
+            tokens += n
+            if label_ids:
+                pred, gold = label_word_predictions(out.logits, inputs["labels"], label_ids)
+                preds.append(pred.cpu())
+                golds.append(gold.cpu())
     finally:
         model.train(was_training)
-    if model.kind == "classifier":
-        p, y = torch.cat(preds), torch.cat(labels)
-        c = model.num_outputs
-        return {
-            "accuracy": float(multiclass_accuracy(p, y, c, average="micro")),
-            "macro_f1": float(multiclass_f1_score(p, y, c, average="macro")),
-            "mcc": float(multiclass_matthews_corrcoef(p, y, c)),
-            "examples": int(y.numel()),
-        }
-    mean_nll = nll / max(tokens, 1)
-    return {"loss": mean_nll, "perplexity": math.exp(min(mean_nll, 50.0)), "tokens": tokens}
+    metrics = {}
+    if model.kind != "classifier":
+        mean_nll = nll / max(tokens, 1)
+        metrics = {"loss": mean_nll, "perplexity": math.exp(min(mean_nll, 50.0)), "tokens": tokens}
+    if preds:
+        classes = model.num_outputs if model.kind == "classifier" else len(label_ids)
+        metrics.update(classification_metrics(torch.cat(preds), torch.cat(golds), classes))
+    return metrics

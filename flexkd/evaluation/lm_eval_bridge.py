@@ -34,15 +34,12 @@ What is scored, per task format
     aggregates them (corpus-level: exp(-sum ll / sum words|bytes)); words are lm-eval's
     whitespace split. It runs once, with the greedy / first-seed call.
 
-Special tokens: lm-eval scores a continuation by splitting ``encode(context + continuation)``
-at ``len(encode(context))``. That breaks for tokenizers that *append* special tokens (the
-repo's word-level fixture tokenizer wraps every text as ``[CLS] $A [SEP]``): the scored
-"continuation" would be the trailing ``[SEP]``, and generation would start after a ``[SEP]``.
-For such tokenizers HFLM gets ``add_bos_token=False`` (no special tokens at all), the leading
-special tokens are put back as text in front of every context, and the last one is the rolling
-prefix token - the model sees ``tokenizer(context)`` minus the trailing specials. Tokenizers that
-add nothing or only a BOS (Llama, SmolLM2, GPT-2) keep lm-eval's defaults. The choice is
-recorded in ``settings`` (``add_special_tokens``, ``context_prefix``). Classification refuses
+Special tokens: every context starts exactly as in training (``causal_context``): the BOS
+token if the tokenizer has one, then the text without special tokens. HFLM therefore adds no
+special tokens (a tokenizer that *appends* them, like the fixture's ``[CLS] $A [SEP]``, would
+otherwise have lm-eval score the trailing ``[SEP]``), the BOS is put back as text in front of
+every context, and it is the rolling prefix token. Recorded in ``settings``
+(``add_special_tokens``, ``context_prefix``). Classification refuses
 label names that encode to identical tokens (e.g. all ``[UNK]``).
 
 Data are read with ``datasets.load_dataset("json", data_files={split: <absolute path>})``,
@@ -307,29 +304,16 @@ class _SpecialTokens:
 
 
 def _special_tokens(tokenizer) -> _SpecialTokens:
-    """lm-eval splits ``encode(context + continuation)`` at ``len(encode(context))``, so a
-    tokenizer that *appends* special tokens (e.g. ``[CLS] $A [SEP]`` post-processing) would
-    have it score the trailing ``[SEP]`` instead of the continuation, and generate after a
-    ``[SEP]``. For such tokenizers special tokens are switched off and the leading ones are
-    put back as text in front of every context (and as the rolling prefix token), so the
-    model sees exactly ``tokenizer(text)`` minus the trailing specials. Tokenizers that add
-    nothing or only a BOS keep lm-eval's default."""
-    probe = "a"
-    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    full = list(tokenizer(probe)["input_ids"])
-    for start in range(len(full) - len(bare) + 1):
-        if bare and full[start : start + len(bare)] == bare:
-            prefix, suffix = full[:start], full[start + len(bare) :]
-            break
-    else:
-        return _SpecialTokens(add_special_tokens=None)
-    if not suffix:
-        return _SpecialTokens(add_special_tokens=None)
-    return _SpecialTokens(
-        add_special_tokens=False,
-        context_prefix=tokenizer.decode(prefix, skip_special_tokens=False) if prefix else "",
-        prefix_token_id=prefix[-1] if prefix else None,
-    )
+    """Contexts start exactly as in training (``flexkd.data.encoding.causal_context``): the BOS
+    token, if the tokenizer has one, then the text with no special tokens. So HFLM adds none
+    (``add_bos_token=False``: tokenizers that *append* specials, e.g. ``[CLS] $A [SEP]``,
+    would otherwise have lm-eval score the trailing ``[SEP]``) and the BOS is put back as
+    text in front of every context and as the rolling-loglikelihood prefix token."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return _SpecialTokens(add_special_tokens=False)
+    return _SpecialTokens(add_special_tokens=False, context_prefix=tokenizer.bos_token,
+                          prefix_token_id=bos_id)
 
 
 def _check_label_choices(tokenizer, task: LmEvalTask) -> None:
