@@ -98,12 +98,12 @@ def score_mask(model: TaskModel, inputs: dict) -> torch.Tensor:
 def target_log_prob(model: TaskModel, out, inputs: dict, target: str) -> torch.Tensor:
     """Sum over the batch of F(x): the log-probability of the gold (or predicted) target."""
     if model.kind == "causal_lm":
-        logp = F.log_softmax(out.logits.float(), dim=-1)[:, :-1]
         labels = inputs["labels"][:, 1:]
         valid = labels != IGNORE_INDEX
-        chosen = logp.argmax(-1) if target == "predicted" else labels.clamp_min(0)
-        picked = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-        return (picked * valid).sum()
+        # Only target positions: a full-vocabulary softmax over the prompt would be wasted.
+        logp = F.log_softmax(out.logits[:, :-1][valid].float(), dim=-1)
+        chosen = logp.argmax(-1) if target == "predicted" else labels[valid]
+        return logp.gather(-1, chosen.unsqueeze(-1)).sum()
     logp = F.log_softmax(out.logits.float(), dim=-1)
     chosen = logp.argmax(-1) if target == "predicted" else inputs["labels"]
     return logp.gather(-1, chosen.unsqueeze(-1)).sum()

@@ -98,11 +98,23 @@ class DistillationModule(L.LightningModule):
 def freeze_lower_layers(model: TaskModel, trainable_layers: int) -> None:
     """Train only the top `trainable_layers` transformer blocks and the head.
 
-    Used to fine-tune large teachers cheaply; 0 trains the head alone.
+    Used to fine-tune large teachers cheaply; 0 trains the head alone. A causal LM whose
+    output embeddings are tied to its input embeddings keeps them frozen (training them would
+    backpropagate through every block to the input) and trains its final norm instead.
     """
     model.requires_grad_(False)
     blocks = transformer_blocks(model.backbone)
     for block in list(blocks)[len(blocks) - trainable_layers:] if trainable_layers else []:
         block.requires_grad_(True)
-    head = getattr(model, "head", None) or model.backbone.get_output_embeddings()
-    head.requires_grad_(True)
+    head = getattr(model, "head", None)
+    if head is None:
+        output = model.backbone.get_output_embeddings()
+        tied = output.weight is model.backbone.get_input_embeddings().weight
+        head = _final_norm(model.backbone) if tied else output
+    if head is not None:
+        head.requires_grad_(True)
+
+
+def _final_norm(backbone: torch.nn.Module) -> torch.nn.Module | None:
+    inner = getattr(backbone, "model", backbone)
+    return getattr(inner, "norm", None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -42,9 +41,6 @@ from flexkd.training import autocast, make_trainer, runtime_device
 from flexkd.validation import validate_config
 
 log = logging.getLogger(__name__)
-
-# The Hub is unreachable on many machines this runs on; a lookup otherwise hangs ~46 s.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @dataclass

@@ -106,3 +106,28 @@ def test_corrupt_probe_cache_entry_is_rebuilt(tmp_path):
     again = cached_probe(model, probe_batches(), cfg, tmp_path, "t", {})
     assert not again.cache_hit and again.selection.tolist() == first.selection.tolist()
     assert cached_probe(model, probe_batches(), cfg, tmp_path, "t", {}).cache_hit
+
+
+def test_causal_target_score_is_the_response_log_likelihood():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flexkd.models import CausalLM
+
+    torch.manual_seed(0)
+    model = CausalLM(LlamaForCausalLM(LlamaConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, vocab_size=50, max_position_embeddings=32))).eval()
+    ids = torch.randint(3, 50, (2, 8))
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompt
+    labels[1, 7] = -100   # padding
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    out = model(inputs)
+    n_targets = int((labels[:, 1:] != -100).sum())
+    expected = -out.loss * n_targets  # CE is the mean negative log-likelihood of the targets
+    got = importance.target_log_prob(model, out, inputs, "gold")
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # The gradient lives only at positions that predict a response token.
+    _, g, mask = importance.token_gradients(model, inputs, layer=2, target="gold")
+    assert mask.tolist() == [[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 0, 0]]
+    assert (g[~mask].abs().max() == 0) and (g[mask].abs().sum(-1) > 0).all()

@@ -61,6 +61,9 @@ def evaluate_on_task(model: TaskModel, tokenizer, task: TaskSpec, loader, eval_c
         from flexkd.evaluation.lm_eval_bridge import LmEvalTask, evaluate_causal_lm
 
         settings = lm_eval_settings(eval_cfg)
+        if settings.max_length is None:
+            # The model sees contexts cut as in training (HFLM keeps their end).
+            settings.max_length = task.max_length
         lm_task = LmEvalTask(task.name, task.format, str(task.data_dir), "test",
                              task.label_names or None)
         log.info("lm-eval: scoring the %s on %s (%s)", who, task.name, asdict(settings))
