@@ -135,6 +135,8 @@ class TaskSchema:
     label_names: list[str] | None = spec(None, doc="class names; null: from meta.json")
     max_length: int = spec(128, ge=MIN_MAX_LENGTH, doc="tokens per example; longer ones are "
                            "truncated")
+    max_prompt_words: int | None = spec(None, ge=1, doc="instruction tasks: keep the first N "
+                                        "words of each prompt (before max_length cuts tokens)")
     max_train_examples: int | None = spec(None, ge=1, doc="cap on training rows; null: all")
     max_validation_examples: int | None = spec(None, ge=1, doc="cap on validation rows")
     max_test_examples: int | None = spec(None, ge=1, doc="cap on test rows")

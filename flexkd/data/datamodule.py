@@ -74,7 +74,8 @@ class DistillDataModule(L.LightningDataModule):
         if self.task.format == "classification":
             return encode_classification(row, tokenizer, self.task.max_length,
                                          self.task.label_names, where)
-        return encode_instruction(row, tokenizer, self.task.max_length, where)
+        return encode_instruction(row, tokenizer, self.task.max_length, where,
+                                  self.task.max_prompt_words)
 
     def _load_split(self, split: str) -> list[dict]:
         path = self.task.split_path(split)

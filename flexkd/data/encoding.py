@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from flexkd.data.formatting import (
+    clip_words,
     format_classification_context,
     format_label_choice,
     format_prompt,
@@ -52,10 +53,11 @@ def encode_classification(row: dict, tokenizer, max_length: int, label_names, wh
     return Encoded(ids, classification_label(row, label_names, where), truncated)
 
 
-def encode_instruction(row: dict, tokenizer, max_length: int, where: str) -> Encoded:
+def encode_instruction(row: dict, tokenizer, max_length: int, where: str,
+                       max_prompt_words: int | None = None) -> Encoded:
     for key in ("prompt", "response"):
         _require_string(row, key, where)
-    prompt = causal_context(tokenizer, format_prompt(row["prompt"]))
+    prompt = causal_context(tokenizer, format_prompt(clip_words(row["prompt"], max_prompt_words)))
     response = tokenizer(format_response(row["response"]), add_special_tokens=False)["input_ids"]
     response = response + [tokenizer.eos_token_id]
     truncated = len(prompt) + len(response) > max_length

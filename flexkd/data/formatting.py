@@ -7,6 +7,15 @@ PROMPT_TEMPLATE = "{prompt}\nResponse:"
 CLASSIFICATION_TEMPLATE = "{text}\nAnswer:"
 
 
+def clip_words(text: str, max_words: int | None) -> str:
+    """The first `max_words` words of `text` (all of it for None): for long inputs whose start
+    carries the task (an article's lead for its headline), cut before tokenisation."""
+    if not max_words:
+        return text
+    words = text.split()
+    return text if len(words) <= max_words else " ".join(words[:max_words])
+
+
 def format_prompt(prompt: str) -> str:
     """The context a causal LM sees before its response."""
     return PROMPT_TEMPLATE.format(prompt=prompt.strip())

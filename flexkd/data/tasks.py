@@ -34,6 +34,7 @@ class TaskSpec:
     label_names: list[str] = field(default_factory=list)
     max_length: int = 128
     max_examples: dict[str, int | None] = field(default_factory=dict)
+    max_prompt_words: int | None = None
 
     @classmethod
     def from_config(cls, cfg, resolve=lambda s: s) -> TaskSpec:
@@ -49,7 +50,8 @@ class TaskSpec:
                               f"(at least 2), in the task config or {meta_path}")
         limits = {s: cfg.get(f"max_{s}_examples") for s in SPLITS}
         return cls(name=cfg["name"], format=cfg["format"], data_dir=data_dir, label_names=labels,
-                   max_length=int(cfg.get("max_length", 128)), max_examples=limits)
+                   max_length=int(cfg.get("max_length", 128)), max_examples=limits,
+                   max_prompt_words=cfg.get("max_prompt_words"))
 
     def split_path(self, split: str) -> Path:
         return self.data_dir / f"{split}.jsonl"
@@ -59,4 +61,5 @@ class TaskSpec:
         files = {s: file_sha256(self.split_path(s)) for s in SPLITS if self.split_path(s).exists()}
         return {"name": self.name, "format": self.format, "files": files,
                 "labels": self.label_names, "max_length": self.max_length,
+                "max_prompt_words": self.max_prompt_words,
                 "max_examples": self.max_examples}

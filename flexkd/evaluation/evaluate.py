@@ -65,7 +65,7 @@ def evaluate_on_task(model: TaskModel, tokenizer, task: TaskSpec, loader, eval_c
             # The model sees contexts cut as in training (HFLM keeps their end).
             settings.max_length = task.max_length
         lm_task = LmEvalTask(task.name, task.format, str(task.data_dir), "test",
-                             task.label_names or None)
+                             task.label_names or None, task.max_prompt_words)
         log.info("lm-eval: scoring the %s on %s (%s)", who, task.name, asdict(settings))
         scored = evaluate_causal_lm(model.backbone, tokenizer, lm_task, settings)
         metrics.update(scored["metrics"])
@@ -79,9 +79,14 @@ def evaluate_on_task(model: TaskModel, tokenizer, task: TaskSpec, loader, eval_c
     return report
 
 
+def _shorten(text, limit: int = 400):
+    """Prompts (whole articles) are cut for results.json and the W&B table."""
+    return text if not isinstance(text, str) or len(text) <= limit else text[:limit] + " ..."
+
+
 def merge_samples(student: list[dict], teacher: list[dict]) -> list[dict]:
     """One row per prompt: prompt, reference, the student's and the teacher's outputs."""
     by_prompt = {s.get("prompt"): s.get("output") for s in teacher}
-    return [{"prompt": s.get("prompt"), "reference": s.get("reference"),
+    return [{"prompt": _shorten(s.get("prompt")), "reference": s.get("reference"),
              "student": s.get("output"), "teacher": by_prompt.get(s.get("prompt"))}
             for s in student]

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from flexkd.data.formatting import (
+    clip_words,
     format_classification_context,
     format_label_choice,
     format_prompt,
@@ -102,6 +103,7 @@ class LmEvalTask:
     data_dir: str  # folder holding {train,validation,test}.jsonl
     split: str = "test"
     label_names: list[str] | None = None  # classification only; rows {"text", "label": int}
+    max_prompt_words: int | None = None  # instruction: keep the prompt's first N words
     # instruction rows are {"prompt": str, "response": str}
 
     def __post_init__(self) -> None:
@@ -132,8 +134,8 @@ class LmEvalSettings:
 # --------------------------------------------------------------------------- task configs
 
 
-def _doc_context(prefix: str, doc: dict) -> str:
-    return prefix + format_prompt(doc["prompt"])
+def _doc_context(prefix: str, max_prompt_words: int | None, doc: dict) -> str:
+    return prefix + format_prompt(clip_words(doc["prompt"], max_prompt_words))
 
 
 def _doc_reference(doc: dict) -> str:
@@ -212,7 +214,7 @@ def _generation_config(
         "task": task.name,
         **_dataset_fields(task),
         "output_type": "generate_until",
-        "doc_to_text": functools.partial(_doc_context, prefix),
+        "doc_to_text": functools.partial(_doc_context, prefix, task.max_prompt_words),
         "doc_to_target": _doc_reference,
         "target_delimiter": "",
         "generation_kwargs": gen_kwargs,
