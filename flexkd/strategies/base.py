@@ -83,12 +83,17 @@ class Strategy(nn.Module):
     def uses_features(self) -> bool:
         return False
 
+    @property
+    def feature_term_active(self) -> bool:
+        """Hidden states are only worth asking for when the feature term counts (beta > 0)."""
+        return self.uses_features and self.beta > 0
+
     def teacher_request(self) -> OutputRequest:
-        layers = tuple(t for _, t in self.resolved_pairs) if self.uses_features else ()
+        layers = tuple(t for _, t in self.resolved_pairs) if self.feature_term_active else ()
         return OutputRequest(layers=layers, logits=self.gamma > 0)
 
     def student_layers(self) -> tuple[int, ...]:
-        return tuple(s for s, _ in self.resolved_pairs) if self.uses_features else ()
+        return tuple(s for s, _ in self.resolved_pairs) if self.feature_term_active else ()
 
     @property
     def needs_teacher(self) -> bool:
@@ -123,7 +128,7 @@ class Strategy(nn.Module):
         if self.gamma > 0:
             terms["logit"] = self.gamma * losses.logit_divergence(
                 student.kd_logits, teacher.kd_logits, self.temperature, self.divergence)
-        if self.beta > 0 and self.uses_features:
+        if self.feature_term_active:
             for name, value in self.feature_losses(batch, teacher, student).items():
                 terms[name] = self.beta * value
         return terms
