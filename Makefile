@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The embedded default: Flex-KD and plain fine-tuning on mpnet -> MiniLM, Rotten Tomatoes,
-# CPU-sized; then a side-by-side table of the two.
-RUN_DIR := outputs/default/$(shell date +%Y-%m-%d_%H-%M-%S)
+# CPU-sized; then a side-by-side table of the two. A killed `make run` continues where it
+# stopped when rerun; finished jobs are kept (ARGS=resume=never runs them again).
+RUN_DIR := outputs/default
 run: $(STAMP)
-	$(PY) run.py -m strategy=flexkd,sft hydra.sweep.dir=$(RUN_DIR)
+	$(PY) run.py -m strategy=flexkd,sft hydra.sweep.dir=$(RUN_DIR) $(ARGS)
 	$(PY) -m benchmarks.tables $(RUN_DIR)
 
 test: $(STAMP)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flexkd.errors import UserError
-from flexkd.storage import atomic_write_json
+from flexkd.storage import atomic_write_json, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,30 @@ def write_status(job_dir: Path, status: str, **fields) -> None:
               "attempts": previous.get("attempts", 0) + (status == "running")}
     record.update(fields)
     atomic_write_json(Path(job_dir) / STATUS, record)
+
+
+# Keys that do not change what a job computes (where it caches, how it reports progress).
+NEUTRAL_KEYS = ("cache_dir", "resume", "debug", "output_dir")
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """What identifies a job's computation: its resolved config minus the neutral keys."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in NEUTRAL_KEYS:
+        plain.pop(key, None)
+    plain.get("trainer", {}).pop("enable_progress_bar", None)
+    return content_hash(plain)
+
+
+def claim_job_dir(out: Path, fingerprint: str) -> None:
+    """A directory that holds another config's job (same command dir, new overrides) must not
+    lend it its checkpoint or its results: start that job afresh."""
+    previous = read_status(out).get("config")
+    if previous and previous != fingerprint:
+        log.warning("%s holds a job with a different config; starting afresh there", out)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "results.json").unlink(missing_ok=True)
+        (out / STATUS).unlink(missing_ok=True)
 
 
 def finished_results(job_dir: Path) -> dict | None:
@@ -63,16 +88,18 @@ def run_job(cfg: DictConfig) -> float:
     from flexkd.pipeline import main_metric, output_dir_of
 
     out = output_dir_of(cfg)
+    fingerprint = config_fingerprint(cfg)
+    claim_job_dir(out, fingerprint)
     if cfg.resume == "auto" and (done := finished_results(out)) is not None:
         log.info("job already finished (%s); skipping. Use resume=never to run it again.",
                  out / "results.json")
         return main_metric(done)
-    write_status(out, "running")
+    write_status(out, "running", config=fingerprint)
     try:
         results = _stage(cfg)(cfg)
     except (Exception, KeyboardInterrupt) as e:
         user_error = isinstance(e, UserError)
-        write_status(out, "failed", error=f"{type(e).__name__}: {e}",
+        write_status(out, "failed", config=fingerprint, error=f"{type(e).__name__}: {e}",
                      traceback=None if user_error else traceback.format_exc())
         if isinstance(e, KeyboardInterrupt) or cfg.get("debug"):
             raise
@@ -85,7 +112,7 @@ def run_job(cfg: DictConfig) -> float:
             print("flexkd: (run with debug=true for the traceback)", file=sys.stderr, flush=True)
             sys.exit(2)
         raise
-    write_status(out, "success", main_metric=results.get("main_metric"),
+    write_status(out, "success", config=fingerprint, main_metric=results.get("main_metric"),
                  value=main_metric(results))
     return main_metric(results)
 

@@ -88,3 +88,13 @@ def test_failing_sweep_job_is_isolated_summarised_and_retried_alone(run_cli):
     summary = json.loads((second.out_dir / "sweep_summary.json").read_text())
     retried = {strategy_of(job): job["attempts"] for job in summary["jobs"]}
     assert retried == {"strategy=sft": 1, "strategy=raw": 2, "strategy=flexkd": 1}
+
+
+def test_a_changed_config_in_the_same_dir_is_run_afresh_not_skipped(run_cli):
+    base = ["pair=tiny_encoder", "task=tiny_cls", "strategy=sft"]
+    first = run_cli(*base)
+    assert first.results()["train"]["steps"] == 6
+    again = run_cli(*base, "trainer.max_steps=8")  # same output dir, different computation
+    assert "different config" in again.stderr + again.stdout
+    assert again.results()["train"]["steps"] == 8
+    assert again.results()["train"]["resumed_from"] is None
