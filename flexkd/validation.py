@@ -27,6 +27,7 @@ import difflib
 import functools
 import inspect
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -592,8 +593,11 @@ def model_info(role: str, m: dict, resolve) -> ModelInfo:
         try:
             config = AutoConfig.from_pretrained(local)
         except (OSError, ValueError, KeyError) as e:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(local).exists()
+            hint = ("; a hub name needs the Hugging Face Hub: set HF_HUB_OFFLINE=0 where it "
+                    "is reachable, or use a local directory or asset:<name>" if offline else "")
             raise ConfigError(f"{key}.path={m['path']!r}: cannot read its model config "
-                              f"({_first_line(e)})") from None
+                              f"({_first_line(e)}){hint}") from None
         depth = getattr(config, "num_hidden_layers", None)
         keep = m.get("keep_layers")
         if keep is not None and depth is not None:
