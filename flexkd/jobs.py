@@ -112,6 +112,8 @@ def run_job(cfg: DictConfig) -> float:
             print("flexkd: (run with debug=true for the traceback)", file=sys.stderr, flush=True)
             sys.exit(2)
         raise
+    if results is None:  # a DDP rank other than 0: rank 0 records the job
+        return math.nan
     write_status(out, "success", config=fingerprint, main_metric=results.get("main_metric"),
                  value=main_metric(results))
     return main_metric(results)

@@ -110,6 +110,10 @@ class SequenceClassifier(TaskModel):
 
     def __init__(self, backbone: nn.Module, num_labels: int, label_names: list[str] | None = None):
         super().__init__(backbone)
+        if getattr(backbone, "pooler", None) is not None:
+            # The head pools the last hidden state itself; an unused pooler would leave DDP
+            # with parameters that get no gradient.
+            backbone.pooler = None
         self.head = nn.Linear(self.hidden_size, num_labels)
         self.label_names = list(label_names or [str(i) for i in range(num_labels)])
 

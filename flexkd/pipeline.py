@@ -113,8 +113,9 @@ class RunContext:
         return autocast(self.cfg.trainer, self.device)
 
 
-def run(cfg: DictConfig) -> dict:
-    """Run one experiment end to end; returns the results dict (also written to disk)."""
+def run(cfg: DictConfig) -> dict | None:
+    """Run one experiment end to end; returns the results dict (also written to disk), or None
+    on DDP ranks other than 0."""
     ctx = RunContext.create(cfg)
     with ctx.timings.stage("assets"):
         validate_config(cfg, ctx.resolve)
@@ -139,6 +140,8 @@ def run(cfg: DictConfig) -> dict:
         setup_strategy(ctx, strategy, teacher, student, data)
     with ctx.timings.stage("distill"):
         trainer, loggers, resumed_from = distill(ctx, strategy, teacher, student, data, name)
+    if not trainer.is_global_zero:
+        return None  # DDP: rank 0 evaluates and reports
     with ctx.timings.stage("evaluate"):
         reports = evaluate(ctx, task, teacher, student, student_tok, teacher_tok, data)
     if cfg.save_student:

@@ -17,6 +17,8 @@ def make_trainer(trainer_cfg, output_dir: str | Path, logger=False, callbacks=()
         trainer_cfg, dict) else dict(trainer_cfg)
     kwargs.update(overrides)
     kwargs.setdefault("enable_model_summary", False)
+    # The train sampler shards itself across ranks (flexkd.data.sampling).
+    kwargs.setdefault("use_distributed_sampler", False)
     return L.Trainer(default_root_dir=str(output_dir), logger=logger, callbacks=list(callbacks),
                      **kwargs)
 

@@ -122,3 +122,13 @@ def test_classification_on_a_causal_pair_is_scored_as_multiple_choice(run_cli):
     assert teacher["accuracy"] > 0.6, "the causal teacher did not learn the label words"
     assert r["eval_settings"]["lm_eval_version"]
     assert r["probe"]["probes"][0]["k"] == 32
+
+
+def test_lightning_ddp_on_two_cpu_processes(run_cli):
+    """Scaling uses Lightning's DDP: two gloo processes, each on its own shard of batches."""
+    run = run_cli("pair=tiny_encoder", "task=tiny_cls", "strategy=projection",
+                  "+trainer.strategy=ddp", "trainer.devices=2", "trainer.max_steps=4")
+    r = run.results()
+    assert r["train"]["steps"] == 4
+    assert r["params"]["strategy_extra_trainable"] == 32 * 128 + 128
+    assert json.loads((run.out_dir / "status.json").read_text())["status"] == "success"

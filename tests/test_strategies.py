@@ -111,3 +111,18 @@ def test_flexkd_pairs_student_dim_i_with_selected_teacher_dim():
     assert torch.equal(target, teacher_rows[:, sel])
     # A student that reproduces exactly the selected teacher dims has zero feature loss.
     assert strategy.pair_loss(teacher_rows[:, sel], teacher_rows, 0).item() == 0.0
+
+
+def test_batch_sampler_shards_batches_across_ranks_and_resumes_mid_epoch():
+    from flexkd.data.sampling import ResumableBatchSampler
+
+    full = list(ResumableBatchSampler(10, 3, seed=1, rank=0, world_size=1))
+    ranks = [list(ResumableBatchSampler(10, 3, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    assert ranks[0] == [full[0], full[2]] and ranks[1] == [full[1], full[3]]
+    sampler = ResumableBatchSampler(10, 3, seed=1, rank=0, world_size=1)
+    sampler.set_epoch(0)
+    sampler.fast_forward(2)
+    assert list(sampler) == full[2:]
+    sampler.set_epoch(1)
+    assert list(sampler) != full and sorted(sum(list(sampler), [])) == list(range(10))
