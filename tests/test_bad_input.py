@@ -71,16 +71,12 @@ class Env:
 
     def load_data(self, *overrides: str, base=BASE) -> DistillDataModule:
         """Validate, then read and encode every split, as the run does before training."""
-        from flexkd.models import load_tokenizer
+        from flexkd.pipeline import load_tokenizers
 
         cfg = self.compose(*overrides, base=base)
         validate_config(cfg, self.resolve)
         task = TaskSpec.from_config(cfg.task, self.resolve)
-        student, teacher = (dict(cfg.pair[side]) for side in ("student", "teacher"))
-        s_tok = load_tokenizer(student, self.resolve)
-        same = (student.get("tokenizer") or student.get("path")) == (
-            teacher.get("tokenizer") or teacher.get("path"))
-        t_tok = s_tok if same else load_tokenizer(teacher, self.resolve)
+        s_tok, t_tok = load_tokenizers(cfg, self.resolve)
         data = DistillDataModule(task, s_tok, t_tok, batch_size=2)
         data.setup()
         return data
