@@ -18,7 +18,11 @@ Rules (decided here, tested in tests/test_alignment.py):
 * Special tokens (offsets (0, 0) / special-tokens mask) pair by structural position: the ones
   before the text with each other when both sides have the same number (CLS-CLS, BOS-BOS), the
   same after it (SEP-SEP, EOS-EOS); otherwise (a BOS on one side only) they join no group.
-  Special tokens are never paired with text.
+  (A side without any text token has no before/after: its specials pair in order when the
+  counts agree.) Special tokens are never paired with text.
+* Normalisers (lowercasing, accent stripping, deleting characters inside a word) need no special
+  case: fast tokenizers map offsets back to the original characters. Only characters a
+  normaliser removes at a token's edge, or whole words it removes, are left on one side.
 * Characters covered on one side only, inside the range both sides cover, are *dropped* (a
   normaliser deleted them); characters beyond that range were cut by truncation and are not
   counted. `check_alignment` fails when an example drops more than a tolerated share.
@@ -189,6 +193,8 @@ def align_spans(student_spans: Sequence[tuple[int, int]], teacher_spans: Sequenc
                 s_ids[a], t_ids[b] = n, n
                 n += 1
 
+    if not s_text or not t_text:  # no text on a side: no before/after, pair specials in order
+        s_pre, t_pre, s_post, t_post = s_pre + s_post, t_pre + t_post, [], []
     pair_specials(s_pre, t_pre)
     a = Alignment(s_ids, t_ids, 0)
     for s_members, t_members in _clusters(s_text, t_text):

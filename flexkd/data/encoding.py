@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 from flexkd.data.alignment import OUTSIDE, SPECIAL
-
 from flexkd.data.formatting import (
     clip_words,
     format_classification_context,
