@@ -136,17 +136,17 @@ def get_or_build(root: str | Path, kind: str, key_obj: Any, build: Callable[[Pat
         log.debug("%s: cache hit %s", desc, path)
         return value, EntryInfo(path, key, True, time.perf_counter() - start, info)
 
-    problem = _usable(path, key, full_verify, load)
-    if isinstance(problem, _Loaded):
-        return hit(problem.value)
+    state = _usable(path, key, full_verify, load)
+    if isinstance(state, _Loaded):
+        return hit(state.value)
     with _entry_lock(path, desc):
-        problem = _usable(path, key, full_verify, load)  # another process may have built it
-        if isinstance(problem, _Loaded):
-            return hit(problem.value)
-        if problem == NOT_BUILT:
+        state = _usable(path, key, full_verify, load)  # another process may have built it
+        if isinstance(state, _Loaded):
+            return hit(state.value)
+        if state == NOT_BUILT:
             log.info("%s: building into %s", desc, path)
         else:
-            log.warning("%s at %s is incomplete or damaged (%s); rebuilding it", desc, path, problem)
+            log.warning("%s at %s is incomplete or damaged (%s); rebuilding it", desc, path, state)
         _remove_leftovers(path)
         info = _build(path, kind, key, key_obj, version, build)
     value = load(path)  # a fresh entry that does not load is a bug in build/load: raise
