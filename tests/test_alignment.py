@@ -14,6 +14,7 @@ from flexkd.data.alignment import (
     AlignmentError,
     AlignmentStats,
     align_spans,
+    aligned_logit_rows,
     aligned_rows,
     check_alignment,
     collate_alignment,
@@ -21,6 +22,7 @@ from flexkd.data.alignment import (
 )
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.encoding import encode_classification
+from flexkd.data.preflight import check_pair_alignment
 from flexkd.data.tasks import TaskSpec
 from flexkd.errors import ConfigError
 from flexkd.fixtures import fixture_path
@@ -204,6 +206,39 @@ def test_aligned_rows_pool_both_sides_into_matching_rows():
     assert torch.equal(t_last, torch.tensor([[20.0, 0.0], [30.0, 1.0]]))
 
 
+def test_aligned_rows_pool_as_the_batch_says_unless_told():
+    a = align_spans([(0, 3), (3, 4), (5, 7)], [(0, 1), (1, 4), (5, 7)], "abcd ef")
+    sh = torch.tensor([[[1.0], [3.0], [5.0]]])
+    th = torch.tensor([[[10.0], [20.0], [30.0]]])
+    batch = {"alignment": collate_alignment([a], "last")}
+    assert batch["alignment"]["pool"] == "last"
+    s_rows, t_rows = aligned_rows(batch, sh, th)
+    assert s_rows.flatten().tolist() == [3.0, 5.0] and t_rows.flatten().tolist() == [20.0, 30.0]
+    s_mean, _ = aligned_rows(batch, sh, th, "mean")
+    assert s_mean.flatten().tolist() == [2.0, 5.0]
+    assert collate_alignment([a])["pool"] == "mean"
+
+
+def test_aligned_logit_rows_take_each_groups_last_token_where_both_sides_predict_a_target():
+    # "abcd ef" then EOS on both sides: student ab|cd|ef|</s>, teacher a|bcd|ef|</s>.
+    a = align_spans([(0, 2), (2, 4), (5, 7), S], [(0, 1), (1, 4), (5, 7), S], "abcd ef")
+    assert a.groups() == [([0, 1], [0, 1]), ([2], [2]), ([3], [3])]
+    batch = {"alignment": collate_alignment([a])}
+    s_logits = torch.arange(4 * 2, dtype=torch.float).reshape(1, 4, 2)  # row k = [2k, 2k+1]
+    t_logits = 100 + torch.arange(4 * 3, dtype=torch.float).reshape(1, 4, 3)
+    # Positions whose next token is a target: every one but the EOS (it predicts nothing).
+    s_pred = torch.tensor([[True, True, True, False]])
+    t_pred = torch.tensor([[True, True, True, False]])
+    s_rows, t_rows = aligned_logit_rows(batch, s_logits, t_logits, s_pred, t_pred)
+    # Groups 0 and 1 end at student tokens 1, 2 and teacher tokens 1, 2; the EOS group drops.
+    assert s_rows.tolist() == [[2.0, 3.0], [4.0, 5.0]]
+    assert t_rows.tolist() == [[103.0, 104.0, 105.0], [106.0, 107.0, 108.0]]
+    # A group whose last token predicts nothing on one side is left out on both.
+    s_rows, t_rows = aligned_logit_rows(batch, s_logits, t_logits, s_pred,
+                                        torch.tensor([[True, False, True, False]]))
+    assert s_rows.tolist() == [[4.0, 5.0]] and t_rows.tolist() == [[106.0, 107.0, 108.0]]
+
+
 def test_aligned_rows_without_alignment_are_the_masked_tokens_one_to_one():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     batch = {"student": {"attention_mask": mask}}
@@ -282,6 +317,32 @@ def test_fixture_pair_aligns_lowercased_and_cased_text_without_loss(word_tok, bp
     ex = data.alignment_sample(1)[0]
     assert ex["student"].text.startswith("Honestly")
     assert ex["alignment"].groups()[1] == ([1], [1, 2])  # honestly = H|onestly
+
+
+@pytest.mark.parametrize("task,pool", [("tiny_cls", "mean"), ("tiny_instruct", "last")])
+def test_auto_pool_is_last_for_causal_formats_and_mean_for_encoders(word_tok, bpe_tok, task, pool):
+    data = DistillDataModule(_task(task), word_tok, bpe_tok, batch_size=4)
+    assert data.alignment_pool == pool
+    assert next(iter(data.train_dataloader()))["alignment"]["pool"] == pool
+    words = DistillDataModule(_task("tiny_cls"), word_tok, bpe_tok, label_words=True)
+    assert words.alignment_pool == "last"  # a causal LM writing label words
+    assert DistillDataModule(_task(task), word_tok, bpe_tok, alignment_pool="mean").alignment_pool \
+        == "mean"
+    with pytest.raises(ConfigError, match="alignment.pool='max'"):
+        DistillDataModule(_task(task), word_tok, bpe_tok, alignment_pool="max")
+
+
+def test_preflight_aligns_the_runs_encoding_of_the_first_examples(word_tok, bpe_tok):
+    cfg = OmegaConf.to_container(OmegaConf.load("conf/task/tiny_cls.yaml"))
+    stats = check_pair_alignment(cfg, word_tok, bpe_tok, resolve_source, examples=8)
+    assert (stats.examples, stats.groups, stats.special_pairs, stats.chars_dropped) == (8, 97, 16, 0)
+    # Label words (a causal LM): the answer cue and label word are aligned too, and BOS is the
+    # only special token (the encoder format has CLS/SEP or <s>/</s> pairs).
+    words = check_pair_alignment(cfg, word_tok, bpe_tok, resolve_source, examples=8,
+                                 label_words=True)
+    assert (words.examples, words.groups, words.special_pairs, words.chars_dropped) == (8, 109, 8, 0)
+    with pytest.raises(AlignmentError, match="the teacher's tokenizer is not a fast tokenizer"):
+        check_pair_alignment(cfg, word_tok, _SlowView(bpe_tok), resolve_source)
 
 
 def test_check_alignment_fails_in_one_line_naming_example_and_both_tokenizations(word_tok):

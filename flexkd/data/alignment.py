@@ -244,35 +244,62 @@ def pool_aligned(hidden: torch.Tensor, group_ids: torch.Tensor, n_groups: int,
         counts = torch.zeros(n_groups, device=flat.device, dtype=flat.dtype).index_add(
             0, groups, torch.ones_like(groups, dtype=flat.dtype))
         return sums / counts.clamp(min=1).unsqueeze(1)
-    # Tokens of a group are contiguous within one example, so the largest flat position is
-    # the group's last token.
-    positions = torch.arange(flat.shape[0], device=flat.device)[valid]
-    last = torch.zeros(n_groups, dtype=torch.long, device=flat.device).scatter_reduce(
-        0, groups, positions, reduce="amax", include_self=False)
-    return flat[last]
+    return flat[_last_positions(ids, n_groups)]
 
 
 def aligned_rows(batch: dict, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                 pool: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+                 pool: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(G, d_S), (G, d_T) rows that feature losses compare. One shared tokenizer (no
     "alignment" in the batch): the valid tokens one-to-one, exactly as before. Different
-    tokenizers: one pooled row per aligned group."""
+    tokenizers: one pooled row per aligned group; `pool` (mean | last) defaults to the batch's
+    (`alignment.pool` of the run), so every strategy pools alike without code of its own."""
     if "alignment" not in batch:
         mask = batch["student"]["attention_mask"].bool()
         return losses.masked_tokens(student_hidden, mask), losses.masked_tokens(teacher_hidden, mask)
+    alignment = _require(batch)
+    n, how = alignment["n_groups"], pool or alignment.get("pool", "mean")
+    return (pool_aligned(student_hidden, alignment["student"], n, how),
+            pool_aligned(teacher_hidden, alignment["teacher"], n, how))
+
+
+def _require(batch: dict) -> dict:
     alignment = batch["alignment"]
     if alignment is None:
         raise AlignmentError("the teacher's and student's tokenizers differ and are not both fast "
                              "tokenizers (no offset mapping), so their tokens cannot be aligned; "
                              "use fast tokenizers or a strategy without token features (sft)")
+    return alignment
+
+
+def _last_positions(group_ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """(n_groups,) flat position of each group's last token (groups are contiguous)."""
+    ids = group_ids.reshape(-1)
+    valid = ids >= 0
+    positions = torch.arange(ids.shape[0], device=ids.device)[valid]
+    return torch.zeros(n_groups, dtype=torch.long, device=ids.device).scatter_reduce(
+        0, ids[valid], positions, reduce="amax", include_self=False)
+
+
+def aligned_logit_rows(batch: dict, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       student_predicts: torch.Tensor, teacher_predicts: torch.Tensor,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal LMs with two tokenizers: (N, V_S), (N, V_T) next-token logits at the last token of
+    each aligned group, where both sides then predict the same text (what follows the group's
+    characters). `*_predicts` (B, L) marks positions whose next token is a target (a response
+    token); groups where either side's position is not one (the EOS, the prompt) are left out."""
+    alignment = _require(batch)
     n = alignment["n_groups"]
-    return (pool_aligned(student_hidden, alignment["student"], n, pool),
-            pool_aligned(teacher_hidden, alignment["teacher"], n, pool))
+    last_s = _last_positions(alignment["student"].to(student_logits.device), n)
+    last_t = _last_positions(alignment["teacher"].to(teacher_logits.device), n)
+    keep = student_predicts.reshape(-1)[last_s] & teacher_predicts.reshape(-1)[last_t]
+    s_flat = student_logits.reshape(-1, student_logits.shape[-1])
+    t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    return s_flat[last_s[keep]], t_flat[last_t[keep]]
 
 
-def collate_alignment(alignments: Sequence[Alignment]) -> dict:
-    """Per-example alignments -> {"student": (B, Ls), "teacher": (B, Lt), "n_groups": G} with
-    group ids numbered consecutively across the batch (padding -1)."""
+def collate_alignment(alignments: Sequence[Alignment], pool: str = "mean") -> dict:
+    """Per-example alignments -> {"student": (B, Ls), "teacher": (B, Lt), "n_groups": G,
+    "pool": pool} with group ids numbered consecutively across the batch (padding -1)."""
     from torch.nn.utils.rnn import pad_sequence
 
     student, teacher, offset = [], [], 0
@@ -283,7 +310,7 @@ def collate_alignment(alignments: Sequence[Alignment]) -> dict:
         offset += a.n_groups
     return {"student": pad_sequence(student, batch_first=True, padding_value=-1),
             "teacher": pad_sequence(teacher, batch_first=True, padding_value=-1),
-            "n_groups": offset}
+            "n_groups": offset, "pool": pool}
 
 
 # ------------------------------------------------------------------------------------- checks

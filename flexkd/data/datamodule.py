@@ -11,7 +11,13 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
-from flexkd.data.alignment import AlignmentError, AlignmentStats, align_spans, collate_alignment
+from flexkd.data.alignment import (
+    POOLS,
+    AlignmentError,
+    AlignmentStats,
+    align_spans,
+    collate_alignment,
+)
 from flexkd.data.encoding import (
     encode_classification,
     encode_instruction,
@@ -20,6 +26,7 @@ from flexkd.data.encoding import (
 from flexkd.data.jsonl import read_jsonl
 from flexkd.data.sampling import ResumableBatchSampler
 from flexkd.data.tasks import SPLITS, TaskSpec
+from flexkd.errors import ConfigError
 from flexkd.models import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -50,13 +57,17 @@ class DistillDataModule(L.LightningDataModule):
     """Batches are {"student": side, "teacher": side, "index": (B,)}; a side holds
     input_ids, attention_mask and labels. With one shared tokenizer both sides are the same
     tensors. With two tokenizers a batch also holds "alignment": {"student": (B, Ls),
-    "teacher": (B, Lt) group ids (-1 = none), "n_groups": G} - or None when a tokenizer has no
-    offset mapping (not fast), which only token-comparing strategies refuse."""
+    "teacher": (B, Lt) group ids (-1 = none), "n_groups": G, "pool": how groups are pooled} -
+    or None when a tokenizer has no offset mapping (not fast), which only token-comparing
+    strategies refuse. `alignment_pool` "auto": the last token of a group for causal LMs (it
+    has read the whole group), the mean for encoders."""
 
     def __init__(self, task: TaskSpec, student_tokenizer, teacher_tokenizer=None,
                  batch_size: int = 16, eval_batch_size: int | None = None, seed: int = 0,
-                 num_workers: int = 0, label_words: bool = False):
+                 num_workers: int = 0, label_words: bool = False, alignment_pool: str = "auto"):
         super().__init__()
+        if alignment_pool not in (*POOLS, "auto"):
+            raise ConfigError(f"alignment.pool={alignment_pool!r}; use one of {(*POOLS, 'auto')}")
         self.task = task
         self.tokenizers = {"student": student_tokenizer,
                            "teacher": teacher_tokenizer or student_tokenizer}
@@ -69,6 +80,9 @@ class DistillDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.label_words = label_words and task.format == "classification"
         self.splits: dict[str, list[dict]] = {}
+        causal = self.label_words or task.format == "instruction"
+        self.alignment_pool = (("last" if causal else "mean") if alignment_pool == "auto"
+                               else alignment_pool)
 
     # -------------------------------------------------------------- encoding
     def _encode(self, row: dict, tokenizer, where: str):
@@ -143,7 +157,8 @@ class DistillDataModule(L.LightningDataModule):
         index = torch.tensor([e["index"] for e in examples], dtype=torch.long)
         batch = {"student": student, "teacher": teacher, "index": index}
         if not self.shared:
-            batch["alignment"] = (collate_alignment([e["alignment"] for e in examples])
+            batch["alignment"] = (collate_alignment([e["alignment"] for e in examples],
+                                                    self.alignment_pool)
                                   if self.alignable else None)
         return batch
 
