@@ -36,6 +36,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -47,8 +52,22 @@ def run_variant(args) -> dict:
 
     from flexkd import losses
 
+    def step(hidden, head, teacher):
+        if args.variant == "dense":
+            return losses.logit_divergence(hidden @ head.T, teacher, args.temperature, args.kind)
+        if args.variant == "chunked_logits":
+            return losses.chunked_logit_divergence(hidden @ head.T, teacher, args.temperature, args.kind,
+                                                   chunk_rows=args.chunk_rows)
+        return losses.chunked_logit_divergence(hidden, teacher, args.temperature, args.kind,
+                                               student_head=head, chunk_rows=args.chunk_rows)
+
     torch.manual_seed(0)
     device = torch.device(args.device)
+    # Warm-up on tiny inputs: lazy imports and first-call set-up (checkpointing imports
+    # torch._dynamo, about 100 MB and 2 s) are not part of the step.
+    tiny = torch.randn(4, args.dim, device=device, requires_grad=True)
+    step(tiny, torch.randn(8, args.dim, device=device, requires_grad=True),
+         torch.randn(4, 8, device=device, dtype=torch.bfloat16)).backward()
     hidden = torch.randn(args.rows, args.dim, device=device).requires_grad_()
     head = (torch.randn(args.vocab, args.dim, device=device) / args.dim ** 0.5).requires_grad_()
     teacher = torch.randn(args.rows, args.vocab, device=device, dtype=torch.bfloat16).mul_(3)
@@ -63,22 +82,15 @@ def run_variant(args) -> dict:
             print(f"note: setup peaked {(_maxrss_bytes() - before) / 2**20:.0f} MiB above the "
                   f"baseline; the peak below is a lower bound", file=sys.stderr)
 
-    start = time.perf_counter()
-    if args.variant == "dense":
-        loss = losses.logit_divergence(hidden @ head.T, teacher, args.temperature, args.kind)
-    elif args.variant == "chunked_logits":
-        loss = losses.chunked_logit_divergence(hidden @ head.T, teacher, args.temperature, args.kind,
-                                               chunk_rows=args.chunk_rows)
-    else:
-        loss = losses.chunked_logit_divergence(hidden, teacher, args.temperature, args.kind,
-                                               student_head=head, chunk_rows=args.chunk_rows)
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    loss = step(hidden, head, teacher)
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _maxrss_bytes()) - before
     return {"variant": args.variant, "loss": loss.item(), "grad_norm": head.grad.norm().item(),
-            "peak_bytes": peak, "seconds": seconds}
+            "peak_bytes": peak, "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,13 +125,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"logit KD ({args.kind}, T={args.temperature}) forward + backward, N={args.rows} "
           f"V={args.vocab} d={args.dim}, chunk_rows={args.chunk_rows}, {args.device}; "
           f"one fp32 copy of the (N, V) logits = {logit_mib:.0f} MiB")
-    print(f"{'variant':<16}{'peak MiB':>10}{'x dense':>9}{'seconds':>9}{'x dense':>9}"
-          f"{'loss':>12}{'|grad head|':>13}")
+    print(f"{'variant':<16}{'peak MiB':>10}{'x dense':>9}{'wall s':>9}{'x dense':>9}{'cpu s':>9}"
+          f"{'x dense':>9}{'loss':>12}{'|grad head|':>13}")
     dense = rows[0]
     for r in rows:
         mem_ratio, time_ratio = r["peak_bytes"] / dense["peak_bytes"], r["seconds"] / dense["seconds"]
+        cpu_ratio = r["cpu_seconds"] / dense["cpu_seconds"]
         print(f"{r['variant']:<16}{r['peak_bytes'] / 2**20:>10.0f}{mem_ratio:>9.2f}{r['seconds']:>9.2f}"
-              f"{time_ratio:>9.2f}{r['loss']:>12.6f}{r['grad_norm']:>13.6f}")
+              f"{time_ratio:>9.2f}{r['cpu_seconds']:>9.2f}{cpu_ratio:>9.2f}{r['loss']:>12.6f}"
+              f"{r['grad_norm']:>13.6f}")
+    print("cpu s: user + system time of the step (on CPU, less sensitive than wall time to other load)")
 
 
 if __name__ == "__main__":
