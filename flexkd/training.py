@@ -11,7 +11,6 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-
 log = logging.getLogger(__name__)
 
 

@@ -115,7 +115,7 @@ def test_schedule_warms_up_to_lr_then_decays_by_cosine_to_a_tenth():
     assert lrs[11] == pytest.approx(lr * 0.55)
     assert lrs[14] == pytest.approx(lr * (0.1 + 0.9 * 0.25))
     assert lrs[total] == pytest.approx(0.1 * lr)
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
 
 
 def fake_trainer(total):
