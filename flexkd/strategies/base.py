@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from flexkd import losses
+from flexkd.data.alignment import aligned_rows
 from flexkd.errors import ConfigError
 from flexkd.models import ModelOutputs, TaskModel
 
@@ -140,17 +141,12 @@ class Strategy(nn.Module):
         return {}
 
 
-def feature_mask(batch: dict) -> torch.Tensor:
-    """Tokens that feature losses compare: non-padding student tokens (aligned to the teacher's)."""
-    return batch["student"]["attention_mask"].bool()
-
-
 def paired_tokens(batch, teacher: ModelOutputs, student: ModelOutputs, pair):
-    """(M, d_S), (M, d_T) rows of the valid tokens of one (student_layer, teacher_layer) pair."""
-    mask = feature_mask(batch)
+    """(M, d_S), (M, d_T) rows of one (student_layer, teacher_layer) pair that describe the same
+    text: the valid tokens one-to-one with one tokenizer; with two, one row per aligned group,
+    pooled as the batch's alignment says (`alignment.pool`; see flexkd.data.alignment)."""
     s_layer, t_layer = pair
-    return (losses.masked_tokens(student.hidden[s_layer], mask),
-            losses.masked_tokens(teacher.hidden[t_layer], mask))
+    return aligned_rows(batch, student.hidden[s_layer], teacher.hidden[t_layer])
 
 
 def check_logit_compatible(teacher: TaskModel, student: TaskModel, datamodule) -> None:
