@@ -31,6 +31,11 @@ def show(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def join(path: str, key) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"

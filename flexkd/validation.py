@@ -34,11 +34,11 @@ from flexkd.data.tasks import FORMATS, SPLITS, read_meta
 from flexkd.errors import ConfigError, DataFileError, UserError
 from flexkd.loggers import check_logger_config, resolve_mode
 from flexkd.model_info import ModelInfo
-from flexkd.schema import STRICT, show, unknown_key_error, validate
+from flexkd.schema import STRICT, first_line, show, unknown_key_error, validate
 from flexkd.storage import default_cache_dir
 from flexkd.strategies.base import available_strategies, build_strategy
 
-__all__ = ["validate_config", "check_schema", "ModelInfo", "model_info", "CLASSIFIER_METRICS"]
+__all__ = ["validate_config", "check_schema", "CLASSIFIER_METRICS"]
 
 # What a classifier reports (`evaluate_model`); `task.main_metric` of a classification task
 # must be one of these. Causal LMs report loss/perplexity and, with lm-eval, more (rouge1,
@@ -342,12 +342,7 @@ def _resolve(key: str, source: str, resolve) -> str:
     except UserError as e:
         raise ConfigError(f"{key}={source!r}: {e}") from e
     except Exception as e:  # noqa: BLE001 - any failure to find a source is reported at its key
-        raise ConfigError(f"{key}={source!r} cannot be resolved: {_first_line(e)}") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise ConfigError(f"{key}={source!r} cannot be resolved: {first_line(e)}") from e
 
 
 # ----------------------------------------------------------------------------- task checks
@@ -382,96 +377,13 @@ def check_task_files(t: dict, resolve) -> list[str]:
 
 # ----------------------------------------------------------------------------- pair checks
 
-def model_info(role: str, m: dict, resolve, kind: str = "classifier") -> ModelInfo:
-    """A model's sizes from its config alone (a `path`'s config.json, or the `init` dict)."""
-    from transformers import AutoConfig
-
-    key = f"pair.{role}"
-    if m.get("path"):
-        local = _resolve(f"{key}.path", m["path"], resolve)
-        try:
-            config = AutoConfig.from_pretrained(local)
-        except (OSError, ValueError, KeyError) as e:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(local).exists()
-            hint = ("; a hub name needs the Hugging Face Hub: set HF_HUB_OFFLINE=0 where it "
-                    "is reachable, or use a local directory or asset:<name>" if offline else "")
-            raise ConfigError(f"{key}.path={m['path']!r}: cannot read its model config "
-                              f"({_first_line(e)}){hint}") from None
-        depth = getattr(config, "num_hidden_layers", None)
-        keep = m.get("keep_layers")
-        if keep is not None and depth is not None:
-            bad = [i for i in keep if not 0 <= i < depth]
-            if bad or not keep or sorted(set(keep)) != list(keep):
-                raise ConfigError(f"{key}.keep_layers={list(keep)} must be increasing block "
-                                  f"indices in 0..{depth - 1} ({m['path']} has {depth} blocks)")
-            depth = len(keep)
-        vocab = getattr(config, "vocab_size", None)
-    else:
-        config = _init_config(key, dict(m.get("init") or {}))
-        depth = getattr(config, "num_hidden_layers", None)
-        vocab = (m.get("init") or {}).get("vocab_size")  # else len(tokenizer), see models._backbone
-    width = getattr(config, "hidden_size", None)
-    return ModelInfo(role, str(m.get("name")), width if isinstance(width, int) else None,
-                     depth if isinstance(depth, int) else None, kind, vocab,
-                     m.get("tokenizer") or m.get("path"), lambda: _tokenizer(role, m, resolve))
-
-
-class InitSizes(Schema):
-    """Sizes in a random-init spec that must be positive integers (other keys pass through)."""
-
-    model_config = {**STRICT, "extra": "ignore"}
-    hidden_size: int = Field(1, ge=1)
-    num_hidden_layers: int = Field(1, ge=1)
-    num_attention_heads: int = Field(1, ge=1)
-    num_key_value_heads: int = Field(1, ge=1)
-    intermediate_size: int = Field(1, ge=1)
-    vocab_size: int = Field(1, ge=1)
-    max_position_embeddings: int = Field(1, ge=1)
-
-
-def _init_config(key: str, init: dict):
-    from transformers import AutoConfig
-
-    model_type = init.pop("model_type")
-    validate(InitSizes, init, prefix=f"{key}.init")
-    try:
-        config = AutoConfig.for_model(model_type, **init)
-    except (ValueError, KeyError, TypeError) as e:
-        from transformers import CONFIG_MAPPING
-
-        if model_type not in CONFIG_MAPPING:
-            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
-            maybe = f"; did you mean {', '.join(close)}?" if close else " (e.g. bert, llama)"
-            raise ConfigError(f"{key}.init.model_type={model_type!r} is not a transformers "
-                              f"model type{maybe}") from None
-        raise ConfigError(f"{key}.init: {_first_line(e)}") from None
-    heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
-    if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
-        raise ConfigError(f"{key}.init.hidden_size={width} is not a multiple of "
-                          f"num_attention_heads={heads}")
-    return config
-
-
-def _tokenizer(role: str, m: dict, resolve):
-    from flexkd.models import load_tokenizer
-
-    key = f"pair.{role}.{'tokenizer' if m.get('tokenizer') else 'path'}"
-    source = m.get("tokenizer") or m.get("path")
-    local = _resolve(key, source, resolve)
-    try:
-        return load_tokenizer({**m, "tokenizer": local}, lambda s: s)
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{key}={source!r}: cannot load the tokenizer ({_first_line(e)})") from None
-
-
 def check_pair(plain: dict, resolve) -> None:
     pair, task = plain["pair"], plain["task"]
     token_logits = task["format"] == "instruction" or pair.get("classify_with") == "label_words"
     kind = "causal_lm" if token_logits else "classifier"
-    student = model_info("student", pair["student"], resolve, kind)
-    teacher = model_info("teacher", pair["teacher"], resolve, kind)
+    at = functools.partial(_resolve, resolve=resolve)
+    student = ModelInfo.from_spec("student", pair["student"], at, kind)
+    teacher = ModelInfo.from_spec("teacher", pair["teacher"], at, kind)
     if student.tokenizer == teacher.tokenizer:  # the run shares one tokenizer object
         teacher.load_tokenizer = student.load_tokenizer
     build_strategy(plain["strategy"]).check_pair(student, teacher)
