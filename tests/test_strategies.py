@@ -194,3 +194,13 @@ def test_batch_sampler_shards_batches_across_ranks_and_resumes_mid_epoch():
     assert list(sampler) == full[2:]
     sampler.set_epoch(1)
     assert list(sampler) != full and sorted(sum(list(sampler), [])) == list(range(10))
+
+
+def test_readme_knob_table_is_the_generated_one():
+    from flexkd.strategies.knob_table import README, knob_table, readme_section
+
+    table = knob_table()
+    assert readme_section(README.read_text()) == table, (
+        "README.md's knob table is stale; regenerate: python -m flexkd.strategies.knob_table --write")
+    assert "| `beta` | 1.0 (cka, projection, raw); 0.5 (flexkd); 0.0 (logit_kd, sft) | >= 0 |" in table
+    assert "| `score` | grad (flexkd) | grad \\| grad_x_act \\| fisher \\| activation \\| random |" in table
