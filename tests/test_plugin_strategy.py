@@ -5,7 +5,6 @@ logged and tabulated like the built-in ones."""
 import csv
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,37 +13,12 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODULE = '''
-"""Mirror: the student's first d dims should equal `scale` x the teacher's first d dims."""
-from pydantic import Field
-
-from flexkd.strategies.base import FeatureWeight, Strategy, paired_tokens
+DOC = ROOT / "docs" / "adding_a_strategy.md"
 
 
-class Mirror(Strategy):
-    name = "mine"
-
-    class Knobs(Strategy.Knobs):
-        beta: FeatureWeight = 1.0
-        scale: float = Field(1.0, gt=0, le=10, description="the factor on the teacher's features")
-
-    @property
-    def uses_features(self):
-        return True
-
-    def feature_losses(self, batch, teacher, student):
-        s, t = paired_tokens(batch, teacher, student, self.resolved_pairs[0])
-        d = min(s.shape[1], t.shape[1])
-        return {"mirror": ((s[:, :d] - self.scale * t[:, :d]) ** 2).mean()}
-'''
-
-YAML = """
-# A strategy of one's own: the class by _target_, the knobs it shows at their defaults.
-_target_: mirror_strategy.Mirror
-name: mine
-beta: 1.0
-scale: 1.0
-"""
+def doc_block(language: str) -> str:
+    """The first ```<language> block of docs/adding_a_strategy.md: the test runs the doc's example."""
+    return DOC.read_text().split(f"```{language}\n", 1)[1].split("```", 1)[0]
 
 
 @pytest.fixture
@@ -52,8 +26,8 @@ def plugin(tmp_path):
     code, conf = tmp_path / "code", tmp_path / "conf"
     (conf / "strategy").mkdir(parents=True)
     code.mkdir()
-    (code / "mirror_strategy.py").write_text(textwrap.dedent(MODULE))
-    (conf / "strategy" / "mine.yaml").write_text(YAML)
+    (code / "mirror_strategy.py").write_text(doc_block("python"))
+    (conf / "strategy" / "mine.yaml").write_text(doc_block("yaml"))
     return {"args": (f"hydra.searchpath=[file://{conf}]", "strategy=mine", "pair=tiny_encoder",
                      "task=tiny_cls", "teacher_finetune.enabled=false"),
             "env": {"PYTHONPATH": str(code)}}
