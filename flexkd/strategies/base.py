@@ -255,8 +255,8 @@ def strategy_class(strategy_cfg: dict) -> type[Strategy]:
     """The class a strategy config's `_target_` names (a Strategy subclass)."""
     target = strategy_cfg.get("_target_")
     if not target or not isinstance(target, str):
-        raise ConfigError(f"strategy._target_ is not set; a strategy config names its class, e.g. "
-                          f"_target_: flexkd.strategies.flexkd.FlexKD (strategy "
+        raise ConfigError(f"strategy._target_ is not set; a strategy config names its class: "
+                          f"_target_: <module>.<Class> (strategy "
                           f"{show(strategy_cfg.get('name'))})")
     module_name, _, attr = target.rpartition(".")
     try:
