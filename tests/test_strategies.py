@@ -204,3 +204,13 @@ def test_readme_knob_table_is_the_generated_one():
         "README.md's knob table is stale; regenerate: python -m flexkd.strategies.knob_table --write")
     assert "| `beta` | 1.0 (cka, projection, raw); 0.5 (flexkd); 0.0 (logit_kd, sft) | >= 0 |" in table
     assert "| `score` | grad (flexkd) | grad \\| grad_x_act \\| fisher \\| activation \\| random |" in table
+
+
+def test_a_knob_may_not_shadow_the_interface():
+    from pydantic import Field
+
+    with pytest.raises(TypeError, match=r"knob names \['losses', 'training'\] are taken"):
+        class Bad(Strategy):  # noqa: F841
+            class Knobs(Strategy.Knobs):
+                losses: int = Field(1)
+                training: bool = Field(True)

@@ -81,9 +81,12 @@ class Strategy(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        shadowed = [k for k in cls.Knobs.model_fields if k in dir(nn.Module)]
+        # Knobs become attributes: one named like a method or module state would replace it.
+        taken = set(dir(Strategy)) | {"training", "knobs", "resolved_pairs"}
+        shadowed = sorted(k for k in cls.Knobs.model_fields if k in taken)
         if shadowed:
-            raise TypeError(f"{cls.__name__}.Knobs: knob names {shadowed} shadow nn.Module attributes")
+            raise TypeError(f"{cls.__name__}.Knobs: knob names {shadowed} are taken by the "
+                            "Strategy / nn.Module interface; rename them")
 
     def __init__(self, name: str | None = None, **knobs):
         super().__init__()
