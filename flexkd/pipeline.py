@@ -35,7 +35,7 @@ from flexkd.models import (
 from flexkd.reporting import environment, summary_table, write_results
 from flexkd.sources import resolve_source
 from flexkd.storage import default_cache_dir
-from flexkd.strategies import SetupContext, build_strategy
+from flexkd.strategies import SetupContext, build_strategy, variant_of
 from flexkd.teacher import evaluate_teacher, prepare_teacher
 from flexkd.training import autocast, make_trainer, runtime_device
 from flexkd.validation import validate_config
@@ -78,11 +78,6 @@ def load_tokenizers(cfg: DictConfig, resolve):
     same = ((teacher_spec.get("tokenizer") or teacher_spec.get("path"))
             == (student_spec.get("tokenizer") or student_spec.get("path")))
     return student_tok, (student_tok if same else load_tokenizer(teacher_spec, resolve))
-
-
-def strategy_kwargs(cfg: DictConfig) -> tuple[str, dict]:
-    kwargs = OmegaConf.to_container(cfg.strategy, resolve=True)
-    return kwargs.pop("name"), kwargs
 
 
 @dataclass
@@ -128,8 +123,8 @@ def run(cfg: DictConfig) -> dict | None:
                                   label_words=uses_label_words(cfg.pair))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    name, kwargs = strategy_kwargs(cfg)
-    strategy = build_strategy(name, **kwargs)
+    strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
+    strategy, name = build_strategy(strategy_cfg), strategy_cfg["name"]
     label_words = uses_label_words(cfg.pair)
     student = build_model(OmegaConf.to_container(cfg.pair.student, resolve=True), task.format,
                           student_tok, task.label_names, ctx.resolve, seed=cfg.seed,
@@ -155,6 +150,7 @@ def run(cfg: DictConfig) -> dict | None:
         "pair": cfg.pair.name,
         "task": task.name,
         "strategy": name,
+        "variant": variant_of(strategy_cfg),
         "seed": int(cfg.seed),
         "main_metric": cfg.task.main_metric,
         "metrics": reports["metrics"],
