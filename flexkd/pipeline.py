@@ -131,7 +131,8 @@ def run(cfg: DictConfig) -> dict | None:
                           label_words=label_words)
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers, label_words=label_words)
+                             num_workers=cfg.data.num_workers, label_words=label_words,
+                             alignment_pool=cfg.alignment.pool)
     data.setup()
 
     with ctx.timings.stage("probe"):
@@ -166,8 +167,18 @@ def run(cfg: DictConfig) -> dict | None:
         "teacher": teacher.info,
         "train": {"steps": int(trainer.global_step),
                   "resumed_from": str(resumed_from) if resumed_from else None},
+        "alignment": alignment_report(data),
     }
     return report(ctx, results, loggers)
+
+
+def alignment_report(data: DistillDataModule) -> dict | None:
+    """Two tokenizers: the training split's alignment statistics and the pooling; None with one."""
+    if data.shared:
+        return None
+    stats = data.alignment_stats("train")
+    return {"pool": data.alignment_pool,
+            **(stats.to_dict() if stats is not None else {"unaligned": "a tokenizer is not fast"})}
 
 
 def setup_strategy(ctx: RunContext, strategy, teacher, student, data) -> None:

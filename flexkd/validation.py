@@ -12,6 +12,8 @@ hint (the valid choices, keys or range). Three layers of checks:
 3. Pair checks that need model *configs* only, never weights: widths, depths and
    vocabularies are read from a spec's `init` dict or its `path`'s config.json and handed to
    the strategy's own `check_pair` (the one `setup` calls again on the loaded models).
+4. Pre-flight alignment: with two tokenizers and a strategy that compares tokens, the first
+   `alignment.check_examples` training examples are aligned (flexkd.data.preflight).
 
 A key added to the shipped conf/config.yaml is accepted at the top level without a schema;
 a new group key needs a field in its model here.
@@ -150,6 +152,15 @@ class Checkpoint(Schema):
     every_n_steps: int = Field(50, ge=1, description="optimizer steps between training checkpoints")
 
 
+class Alignment(Schema):
+    pool: Literal["auto", "mean", "last"] = Field(
+        "auto", description="how an aligned group's tokens become one row: auto = last for "
+        "causal LMs, mean for encoders")
+    check_examples: int = Field(64, ge=1, description="training examples aligned in pre-flight")
+    max_dropped_share: float = Field(0.1, ge=0, le=1, description="an example fails pre-flight "
+                                     "when more of its characters are covered on one side only")
+
+
 class Root(Schema):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="the run's seed")
     cache_dir: str | None = Field(None, description="cache root; null: $FLEXKD_CACHE or "
@@ -161,6 +172,7 @@ class Root(Schema):
     data: Data = Field(description="the data loaders")
     optim: Optim = Field(description="the student optimiser")
     checkpoint: Checkpoint = Field(Checkpoint(), description="training checkpoints")
+    alignment: Alignment = Field(Alignment(), description="token alignment across tokenizers")
     teacher_finetune: Finetune = Field(description="the teacher fine-tune")
     # Checked by their own functions (their schema depends on the chosen option).
     pair: dict = Field(description="the teacher/student pair (pair=<name>)")
@@ -386,7 +398,8 @@ def check_pair(plain: dict, resolve) -> None:
     teacher = ModelInfo.from_spec("teacher", pair["teacher"], at, kind)
     if student.tokenizer == teacher.tokenizer:  # the run shares one tokenizer object
         teacher.load_tokenizer = student.load_tokenizer
-    build_strategy(plain["strategy"]).check_pair(student, teacher)
+    strategy = build_strategy(plain["strategy"])
+    strategy.check_pair(student, teacher)
     ft = plain["teacher_finetune"]
     for key, value, info in (("optim.trainable_layers", plain["optim"].get("trainable_layers"),
                               student),
@@ -396,6 +409,16 @@ def check_pair(plain: dict, resolve) -> None:
         if value is not None and info.depth is not None and value > info.depth:
             raise ConfigError(f"{key}={value} exceeds the {info.role} {info.name}'s "
                               f"{info.depth} blocks; use 0..{info.depth} (or null: all layers)")
+    # Last: it reads data. Two tokenizers and a strategy comparing tokens: align a sample now,
+    # before any teacher work, so a pair that cannot be aligned fails in seconds.
+    if student.tokenizer != teacher.tokenizer and strategy.compares_tokens:
+        from flexkd.data.preflight import check_pair_alignment
+
+        a = plain.get("alignment") or {}
+        check_pair_alignment(task, student.load_tokenizer(), teacher.load_tokenizer(), resolve,
+                             label_words=pair.get("classify_with") == "label_words",
+                             examples=a.get("check_examples", 64),
+                             max_dropped_share=a.get("max_dropped_share", 0.1))
 
 
 # ----------------------------------------------------------------------------- entry point

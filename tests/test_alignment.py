@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -428,3 +430,81 @@ def test_bpe_fixture_tokenizer_differs_from_the_word_level_one(word_tok, bpe_tok
     assert bpe_tok.convert_ids_to_tokens(bpe_tok(text)["input_ids"]) == [
         "<s>", "P", "le", "as", "ant", "Ġfilm", ",", "Ġ", "n", "ot", "Ġb", "a", "d", ".", "</s>"]
     assert bpe_tok.decode(bpe_tok(text)["input_ids"], skip_special_tokens=True) == text
+
+
+# ------------------------------------------------------------------- strategies and pre-flight
+
+
+def test_which_strategies_compare_tokens():
+    from flexkd.strategies import build_strategy
+
+    assert not build_strategy("sft").compares_tokens
+    assert build_strategy("flexkd").compares_tokens and build_strategy("cka").compares_tokens
+    assert not build_strategy("flexkd", beta=0.0).compares_tokens  # no feature term
+    assert not build_strategy("logit_kd").compares_tokens  # one vocabulary, one tokenizer
+    assert build_strategy("logit_kd", divergence="uld").compares_tokens
+
+
+def test_uld_skips_the_vocabulary_check_other_divergences_keep_it():
+    from flexkd.model_info import ModelInfo
+    from flexkd.strategies import build_strategy
+
+    student = ModelInfo("student", "s", 32, 2, "causal_lm", 100, "tok-a")
+    teacher = ModelInfo("teacher", "t", 128, 3, "causal_lm", 140, "tok-b")
+    build_strategy("logit_kd", divergence="uld").check_pair(student, teacher)
+    with pytest.raises(ConfigError, match="logit KD needs one vocabulary.*divergence=uld"):
+        build_strategy("logit_kd").check_pair(student, teacher)
+    encoder = ModelInfo("teacher", "t", 128, 3, "classifier", None, "tok-b")
+    with pytest.raises(ConfigError, match="needs one output space"):
+        build_strategy("logit_kd", divergence="uld").check_pair(student, encoder)
+
+
+def test_uld_through_the_strategy_equals_the_hand_computed_value_on_aligned_positions():
+    """Causal pair, two tokenizers: student ab|cd|ef|EOS (V=2), teacher a|bcd|ef|EOS (V=3).
+    Groups end at token 1 ("abcd") and 2 ("ef") on both sides; the EOS predicts nothing."""
+    from flexkd.models import ModelOutputs
+    from flexkd.strategies import build_strategy
+
+    a = align_spans([(0, 2), (2, 4), (5, 7), S], [(0, 1), (1, 4), (5, 7), S], "abcd ef")
+    labels = torch.tensor([[5, 6, 7, 1]])  # every token a response token
+    batch = {"student": {"labels": labels}, "teacher": {"labels": labels},
+             "alignment": collate_alignment([a])}
+    ln = torch.log
+    s_logits = torch.tensor([[[9.0, -9.0], [0.0, 0.0], [ln(torch.tensor(3.0)), 0.0], [7.0, 1.0]]])
+    t_logits = torch.tensor([[[5.0, 1.0, 2.0], [0.0, 0.0, 0.0], [ln(torch.tensor(2.0)), 0.0, 0.0],
+                              [3.0, 0.0, 8.0]]])
+    student = ModelOutputs(kd_logits=None, loss=torch.tensor(0.0), logits=s_logits)
+    teacher = ModelOutputs(kd_logits=None, logits=t_logits)
+    strategy = build_strategy("logit_kd", divergence="uld", temperature=1.0, alpha=0.0, gamma=1.0)
+    # Row 1: sorted student (.5, .5, 0) vs teacher (1/3, 1/3, 1/3): 1/6 + 1/6 + 1/3 = 2/3.
+    # Row 2: sorted student (.75, .25, 0) vs teacher (.5, .25, .25): .25 + 0 + .25 = 1/2.
+    terms = strategy.losses(batch, teacher, student)
+    assert set(terms) == {"logit"}
+    assert terms["logit"].item() == pytest.approx((2 / 3 + 1 / 2) / 2, abs=1e-6)
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("config", overrides=["pair=tiny_cross", "task=tiny_cls", *overrides])
+
+
+def test_preflight_refuses_token_strategies_on_an_unalignable_pair_but_not_sft(tmp_path, word_tok):
+    from tokenizers import Regex, normalizers
+
+    from flexkd.validation import validate_config
+
+    cut = wordpiece(["."], normalizer=normalizers.Replace(Regex("[aeiouAEIOU]\\w*"), ""))
+    cut.save_pretrained(tmp_path / "cut")
+    bad = f"pair.teacher.tokenizer={tmp_path / 'cut'}"
+    resolve = lambda s: resolve_source(s, tmp_path / "cache")  # noqa: E731
+    validate_config(_compose("strategy=sft", bad), resolve)  # sft needs no alignment
+    validate_config(_compose("strategy=cka"), resolve)  # the shipped pair aligns
+    for strategy in ("flexkd", "projection", "cka"):
+        with pytest.raises(AlignmentError, match="train.jsonl:1: teacher and student tokens "
+                                                 "cannot be aligned by characters"):
+            validate_config(_compose(f"strategy={strategy}", bad), resolve)
+    # The tolerance is the config's: every example keeps some aligned group, so 99% passes.
+    validate_config(_compose("strategy=cka", bad, "alignment.max_dropped_share=0.99"), resolve)

@@ -30,7 +30,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # when run as a script
 
-from flexkd.data.datamodule import DistillDataModule, TokenizerMismatchError  # noqa: E402
+from flexkd.data.alignment import AlignmentError  # noqa: E402
+from flexkd.data.datamodule import DistillDataModule  # noqa: E402
 from flexkd.data.tasks import TaskSpec  # noqa: E402
 from flexkd.errors import ConfigError, DataFileError, NonFiniteLossError, UserError  # noqa: E402
 from flexkd.fixtures import fixture_path  # noqa: E402
@@ -97,8 +98,10 @@ class Env:
                 (folder / f"{split}.jsonl").write_text(text)
         return folder
 
-    def tokenizer(self, name: str, keep_vocab: int | None = None, no_sep: bool = False) -> Path:
-        """A variant of the fixture tokenizer: a smaller vocabulary, or no [SEP] appended."""
+    def tokenizer(self, name: str, keep_vocab: int | None = None, no_sep: bool = False,
+                  delete: str | None = None) -> Path:
+        """A variant of the fixture tokenizer: a smaller vocabulary, no [SEP] appended, or a
+        normaliser that deletes what the regex `delete` matches."""
         src = fixture_path("tiny_tokenizer")
         folder = self.tmp / name
         shutil.copytree(src, folder)
@@ -108,6 +111,9 @@ class Env:
             spec["model"]["vocab"] = {t: i for t, i in vocab.items() if i < keep_vocab}
         if no_sep:
             spec["post_processor"]["single"] = spec["post_processor"]["single"][:2]
+        if delete is not None:
+            spec["normalizer"] = {"type": "Sequence", "normalizers": [
+                spec["normalizer"], {"type": "Replace", "pattern": {"Regex": delete}, "content": ""}]}
         (folder / "tokenizer.json").write_text(json.dumps(spec))
         return folder
 
@@ -161,10 +167,11 @@ def _cache_under_a_file(env: Env):
     env.validate("cache_dir={tmp}/a_file/cache")
 
 
-def _tokenizer_mismatch(env: Env):
-    tok = env.tokenizer("no_sep_tokenizer", no_sep=True)
+def _unalignable_tokenizers(env: Env):
+    """Pre-flight validation alone (no teacher stage) refuses the pair for strategy=flexkd."""
+    tok = env.tokenizer("vowel_cut_tokenizer", delete="[aeiouAEIOU]\\w*")
     env.task_dir()
-    env.load_data("task.data_dir={tmp}/data", f"pair.teacher.tokenizer={tok}")
+    env.validate("task.data_dir={tmp}/data", f"pair.teacher.tokenizer={tok}")
 
 
 def _nan_loss(env: Env):
@@ -316,12 +323,14 @@ CASES = [
               ["train.jsonl:2", "not UTF-8"]),
     Case("meta-json-malformed", "file", "`task.data_dir=<tmp>/data` where `meta.json` lacks "
          "its closing brace", _broken_meta, ConfigError, ("meta.json", "not valid JSON")),
-    Case("tokenizer-length-mismatch", "file",
-         cli("task.data_dir=<tmp>/data", "pair.teacher.tokenizer=<tmp>/no_sep_tokenizer"),
-         _tokenizer_mismatch, TokenizerMismatchError,
-         ("train.jsonl:1", "the teacher's tokenizer gives 4 tokens and the student's 5",
-          "position-aligned"),
-         "the teacher's tokenizer does not append [SEP]"),
+    Case("tokenizers-cannot-be-aligned", "file",
+         cli("task.data_dir=<tmp>/data", "pair.teacher.tokenizer=<tmp>/vowel_cut_tokenizer"),
+         _unalignable_tokenizers, AlignmentError,
+         ("train.jsonl:1: teacher and student tokens cannot be aligned by characters",
+          "in 'a good film'", "student tokens ['[CLS]', 'a', 'good', 'film', '[SEP]']",
+          "teacher tokens", "strategy without token features (sft)"),
+         "pre-flight validation, before the teacher stage: the teacher's normaliser deletes each "
+         "word from its first vowel on; strategy=sft runs on this pair"),
     Case("prompt-longer-than-max-length", "file",
          cli("task.data_dir=<tmp>/data", "task.max_length=8") + " with rows longer than 8 tokens",
          _truncation, None, ("truncated 4 of 4 examples to max_length=8",),

@@ -1,6 +1,7 @@
 """End-to-end runs through run.py (subprocesses), on the tiny pairs and tasks."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,45 @@ def test_lightning_ddp_on_two_cpu_processes(run_cli):
     assert r["train"]["steps"] == 4
     assert r["params"]["strategy_extra_trainable"] == 32 * 128 + 128
     assert json.loads((run.out_dir / "status.json").read_text())["status"] == "success"
+
+
+CROSS_STRATEGIES = ["flexkd", "projection", "cka", "sft"]
+
+
+def test_cross_tokenizer_pair_every_token_strategy(run_cli):
+    """tiny_cross: a byte-level BPE teacher and a word-level student; feature strategies compare
+    one pooled row per aligned character span, sft needs no alignment."""
+    run = run_cli("pair=tiny_cross", "task=tiny_cls", f"strategy={','.join(CROSS_STRATEGIES)}",
+                  multirun=True)
+    results = {r["strategy"]: r for r in sweep_results(run.out_dir)}
+    assert sorted(results) == sorted(CROSS_STRATEGIES)
+    for r in results.values():
+        assert 0.0 <= r["metrics"]["student"]["accuracy"] <= 1.0
+        a = r["alignment"]
+        # Every split example aligns without losing characters (offsets refer to the original
+        # text through the student's lowercasing); the BPE teacher splits words into pieces.
+        assert a["pool"] == "mean" and a["chars_dropped"] == 0 and a["examples"] > 0
+        assert a["mean_group_size_student"] == 1.0 and a["mean_group_size_teacher"] > 1.0
+        assert 0.0 < a["one_to_one_share"] < 1.0
+    assert results["projection"]["params"]["strategy_extra_trainable"] == 32 * 128 + 128
+    assert len(results["flexkd"]["probe"]["probes"][0]["selected"]) == 32
+
+
+def test_unalignable_pair_fails_in_preflight_before_the_teacher_stage(run_cli, tmp_path):
+    from flexkd.fixtures import fixture_path
+
+    tok = tmp_path / "vowel_cut_tokenizer"
+    shutil.copytree(fixture_path("tiny_tokenizer"), tok)
+    spec = json.loads((tok / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [spec["normalizer"], {
+        "type": "Replace", "pattern": {"Regex": "[aeiouAEIOU]\\w*"}, "content": ""}]}
+    (tok / "tokenizer.json").write_text(json.dumps(spec))
+    run = run_cli("pair=tiny_cross", "task=tiny_cls", "strategy=cka",
+                  f"pair.teacher.tokenizer={tok}", check=False)
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()  # the error in one line, then the usual debug hint
+    assert lines[0].startswith("flexkd: error: ") and lines[1:] == [
+        "flexkd: (run with debug=true for the traceback)"]
+    assert "tiny_cls/train.jsonl:1: teacher and student tokens cannot be aligned" in lines[0]
+    assert "student tokens [" in lines[0] and "teacher tokens [" in lines[0]
+    assert "stage teacher" not in run.stdout + run.stderr and "Traceback" not in run.stdout

@@ -25,13 +25,15 @@ from pydantic import BaseModel, Field, Strict
 from torch import nn
 
 from flexkd import losses
-from flexkd.data.alignment import aligned_rows
+from flexkd.data.alignment import aligned_logit_rows, aligned_rows
 from flexkd.errors import ConfigError
 from flexkd.model_info import ModelInfo
-from flexkd.models import ModelOutputs, TaskModel
+from flexkd.models import ModelOutputs, TaskModel, response_positions
 from flexkd.schema import STRICT, show, validate
 
-Divergence = Literal["forward", "reverse", "jsd"]
+# uld: a cross-vocabulary baseline (sorted-probability L1, flexkd.losses.uld_loss); the others
+# compare distributions over one vocabulary.
+Divergence = Literal["forward", "reverse", "jsd", "uld"]
 DIVERGENCES = typing.get_args(Divergence)
 # Keys of a strategy config that are not knobs.
 NOT_KNOBS = ("_target_", "name")
@@ -75,7 +77,8 @@ class Strategy(nn.Module):
         beta: FeatureWeight = 0.0
         gamma: LogitWeight = 0.0
         temperature: float = Field(2.0, gt=0, description="the logit-KD softmax temperature T")
-        divergence: Divergence = Field("forward", description="the logit-KD divergence")
+        divergence: Divergence = Field("forward", description="the logit-KD divergence (uld: a "
+                                       "cross-vocabulary baseline on aligned positions)")
         layer_pairs: list[LayerPair] = Field(
             [(-1, -1)], min_length=1,
             description="[student_layer, teacher_layer] pairs; 0 = embeddings, -1 = last layer")
@@ -125,6 +128,13 @@ class Strategy(nn.Module):
     def needs_teacher_for_config(self) -> bool:
         return self.uses_features or self.gamma > 0
 
+    @property
+    def compares_tokens(self) -> bool:
+        """Whether the losses compare teacher and student token by token (a feature term, or ULD
+        on aligned positions). Such a strategy needs two tokenizations aligned, which pre-flight
+        validation checks on a data sample; others (sft) run on any pair."""
+        return self.feature_term_active or (self.gamma > 0 and self.divergence == "uld")
+
     # ------------------------------------------------------------ pair rules
     def check_pair(self, student: ModelInfo, teacher: ModelInfo) -> None:
         """Raise ConfigError if this strategy cannot run on the pair. Called before any weights
@@ -140,7 +150,9 @@ class Strategy(nn.Module):
                         f"strategy.layer_pairs[{i}][{j}]={layer} is out of range for the "
                         f"{info.role} {info.name} with {n} layers (valid: 0..{n} or -{n + 1}..-1; "
                         "0 is the embedding output, -1 the last layer)")
-        if self.gamma > 0:
+        if self.gamma > 0 and self.divergence == "uld":
+            check_one_output_kind(self.gamma, student, teacher)  # any two vocabularies
+        elif self.gamma > 0:
             check_one_vocabulary(self.gamma, student, teacher)
 
     # ------------------------------------------------------------ setup
@@ -169,7 +181,8 @@ class Strategy(nn.Module):
             terms["task"] = self.alpha * student.loss
         if self.gamma > 0:
             terms["logit"] = self.gamma * losses.logit_divergence(
-                student.kd_logits, teacher.kd_logits, self.temperature, self.divergence)
+                *logit_rows(batch, teacher, student, self.divergence), self.temperature,
+                self.divergence)
         if self.feature_term_active:
             for name, value in self.feature_losses(batch, teacher, student).items():
                 terms[name] = self.beta * value
@@ -190,10 +203,30 @@ def paired_tokens(batch, teacher: ModelOutputs, student: ModelOutputs, pair):
     return aligned_rows(batch, student.hidden[s_layer], teacher.hidden[t_layer])
 
 
+def logit_rows(batch, teacher: ModelOutputs, student: ModelOutputs, divergence: str):
+    """The (N, V_S), (N, V_T) logit rows logit KD compares. One tokenizer: the rows that predict
+    response tokens (class logits for classifiers). ULD on causal LMs with two tokenizers: the
+    next-token logits at the last token of each aligned group (both sides have then read the
+    same characters), where both predict a target token."""
+    if divergence != "uld" or "alignment" not in batch or student.logits.dim() != 3:
+        return student.kd_logits, teacher.kd_logits
+    return aligned_logit_rows(batch, student.logits, teacher.logits,
+                              response_positions(batch["student"]["labels"]),
+                              response_positions(batch["teacher"]["labels"]))
+
+
+def check_one_output_kind(gamma: float, student: ModelInfo, teacher: ModelInfo) -> None:
+    if student.kind != teacher.kind:
+        raise ConfigError(f"strategy.gamma={gamma}: logit KD needs one output space, but the "
+                          f"teacher is a {teacher.kind} and the student a {student.kind}; use "
+                          "a pair of the same kind, or strategy.gamma=0 (no logit term)")
+
+
 def check_one_vocabulary(gamma: float, student: ModelInfo, teacher: ModelInfo) -> None:
     """Logit KD compares distributions over one output space: class logits of one label set
     always do; token logits need one vocabulary (same size, same token -> id map)."""
-    hint = "use a pair with one tokenizer, or strategy.gamma=0 (no logit term)"
+    hint = ("use a pair with one tokenizer, strategy.divergence=uld (a cross-vocabulary "
+            "baseline), or strategy.gamma=0 (no logit term)")
     if student.kind != teacher.kind:
         raise ConfigError(f"strategy.gamma={gamma}: logit KD needs one output space, but the "
                           f"teacher is a {teacher.kind} and the student a {student.kind}; {hint}")
