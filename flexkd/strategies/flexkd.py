@@ -80,7 +80,9 @@ class FlexKD(FeatureStrategy):
     def teacher_targets(self, teacher_rows: torch.Tensor, index: int) -> torch.Tensor:
         sel = getattr(self, f"selection_{index}")
         if sel.dim() == 2:  # directions extension: project onto task-tangent eigenvectors
-            return teacher_rows.float() @ sel
+            # In fp32 also under autocast, which would run this matmul in bf16.
+            with torch.autocast(teacher_rows.device.type, enabled=False):
+                return teacher_rows.float() @ sel.float()
         return teacher_rows[:, sel]
 
     def pair_loss(self, student_rows, teacher_rows, index):
