@@ -95,7 +95,7 @@ class Strategy(nn.Module):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         # Knobs become attributes: one named like a method or module state would replace it.
-        taken = set(dir(Strategy)) | {"training", "knobs", "resolved_pairs"}
+        taken = set(dir(Strategy)) | {"training", "knobs", "resolved_pairs", "chunk_from_heads"}
         shadowed = sorted(k for k in cls.Knobs.model_fields if k in taken)
         if shadowed:
             raise TypeError(f"{cls.__name__}.Knobs: knob names {shadowed} are taken by the "
@@ -246,6 +246,9 @@ def kd_rows(outputs: ModelOutputs, from_head: bool) -> tuple[torch.Tensor, torch
     present, else the KD logits themselves (head None)."""
     if from_head and outputs.kd_hidden is not None and outputs.kd_head is not None:
         return outputs.kd_hidden, outputs.kd_head
+    if outputs.kd_logits is None:
+        raise ValueError("chunked logit KD needs KD logits, or hidden rows and an LM head; these "
+                         "outputs have neither (a store that keeps only a top-k?)")
     return outputs.kd_logits, None
 
 
