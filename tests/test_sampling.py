@@ -74,8 +74,8 @@ def test_ranks_get_disjoint_equal_streams_of_similar_lengths(world_size):
     # At each step the ranks' batches are of similar length, so no rank waits long for
     # another: the step's cost (the longest rank) is close to the ranks' mean cost.
     longest = [[max(LENGTHS[i] for i in b) for b in s] for s in streams]
-    step_max = sum(max(step) for step in zip(*longest))
-    step_mean = sum(sum(step) / world_size for step in zip(*longest))
+    step_max = sum(max(step) for step in zip(*longest, strict=True))
+    step_mean = sum(sum(step) / world_size for step in zip(*longest, strict=True))
     assert step_max < 1.1 * step_mean
 
 
