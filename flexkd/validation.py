@@ -82,6 +82,7 @@ class DataSchema:
     batch_size: int = spec(16, ge=1, doc="training batch size")
     eval_batch_size: int = spec(64, ge=1, doc="evaluation batch size")
     num_workers: int = spec(0, ge=0, doc="DataLoader worker processes")
+    bucket_by_length: bool = spec(True, doc="batch examples of similar length (less padding)")
 
 
 @dataclass
