@@ -92,10 +92,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return -(-self._all_batches() // self.world_size)
 
+    def position(self, rank: int, k: int) -> int:
+        """Where rank `rank`'s k-th batch of an epoch is in `batches(epoch)`."""
+        return (rank + k * self.world_size) % self._all_batches()
+
     def __iter__(self):
         batches = self.batches(self.epoch)
-        mine = [batches[(self.rank + k * self.world_size) % len(batches)]
-                for k in range(len(self))]
+        mine = [batches[self.position(self.rank, k)] for k in range(len(self))]
         skip, self._skip = self._skip, 0
         yield from mine[skip:]
 

@@ -48,6 +48,8 @@ class RawFeatures(FeatureStrategy):
     def pair_loss(self, student_rows, teacher_rows, index):
         return losses.mse(student_rows, teacher_rows)
 
+    feature_is_row_mean = True
+
 
 @register("projection")
 class Projection(FeatureStrategy):
@@ -69,6 +71,8 @@ class Projection(FeatureStrategy):
     def pair_loss(self, student_rows, teacher_rows, index):
         projector = self.projectors[index]
         return losses.mse(projector(student_rows.to(projector.weight.dtype)), teacher_rows)
+
+    feature_is_row_mean = True
 
 
 @register("cka")
