@@ -128,6 +128,9 @@ def test_the_step_units_cover_every_rank_and_micro_batch_of_the_step():
             assert rank_batches[k][0][1] == {"task": expected, DIVISOR: 6}
     seen = [i for rank_batches in per_rank for k in range(2) for i, _ in rank_batches[k]]
     assert sorted(seen) == sorted(i for p in range(6) for i in batches[p])
+    # A resume in the middle of step 0 still counts the whole step.
+    samplers[1].fast_forward(1)
+    assert list(samplers[1]) == per_rank[1][1:]
 
 
 class GradientAtStep(L.Callback):
