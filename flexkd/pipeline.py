@@ -158,6 +158,8 @@ def run(cfg: DictConfig) -> dict | None:
         "eval_settings": reports["settings"],
         "samples": reports["samples"],
         "probe": strategy.diagnostics(),
+        "layers": {"final_norm_state": {"teacher": teacher.model.final_norm_state,
+                                        "student": student.final_norm_state}},
         "params": {
             "student": total_parameters(student),
             "student_trainable": trainable_parameters(student),

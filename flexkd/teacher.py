@@ -18,7 +18,14 @@ from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.evaluation.evaluate import single_token_label_ids
 from flexkd.evaluation.harness_metrics import evaluate_model
-from flexkd.models import TaskModel, build_model, load_saved_model, save_model, uses_label_words
+from flexkd.models import (
+    TaskModel,
+    apply_final_norm_state,
+    build_model,
+    load_saved_model,
+    save_model,
+    uses_label_words,
+)
 from flexkd.storage import atomic_directory, content_hash, file_sha256
 from flexkd.training import autocast, make_trainer, runtime_device
 
@@ -78,8 +85,9 @@ def finetune_teacher(model: TaskModel, task: TaskSpec, tokenizer, finetune: dict
                                 weight_decay=finetune.get("weight_decay", 0.01),
                                 warmup_ratio=finetune.get("warmup_ratio", 0.1),
                                 trainable_layers=finetune.get("trainable_layers"))
+    # max_epochs (paper recipes count epochs) ends it unless max_steps (-1: no cap) comes first.
     trainer = make_trainer(trainer_cfg, work_dir, max_steps=finetune["max_steps"],
-                           max_epochs=None, limit_val_batches=0, enable_checkpointing=False,
+                           max_epochs=finetune.get("max_epochs"), limit_val_batches=0, enable_checkpointing=False,
                            num_sanity_val_steps=0, val_check_interval=None)
     model.train()
     trainer.fit(module, train_dataloaders=data.train_dataloader())
@@ -97,7 +105,8 @@ def prepare_teacher(cfg, task: TaskSpec, tokenizer, cache_dir: Path, resolve) ->
 
     if _valid_entry(entry, key):
         try:
-            model = (load_saved_model(entry / "model")[0] if finetune is not None else
+            model = (apply_final_norm_state(load_saved_model(entry / "model")[0], spec)
+                     if finetune is not None else
                      build_model(spec, task.format, tokenizer, task.label_names, resolve,
                                  seed=spec.get("init_seed", 0), label_words=label_words))
             metrics = json.loads((entry / "metrics.json").read_text())
@@ -154,7 +163,7 @@ def evaluate_teacher(teacher: Teacher, tokenizer, task: TaskSpec, eval_cfg) -> d
     harness = teacher.metrics.get("test", {})
     if not uses_lm_eval(teacher.model, eval_cfg):
         return {"metrics": harness, "samples": [], "settings": {}}
-    settings = lm_eval_settings(eval_cfg).__dict__ | {"tasks": list(eval_cfg.tasks)}
+    settings = lm_eval_settings(eval_cfg, task).__dict__ | {"tasks": list(eval_cfg.tasks)}
     path = Path(teacher.info["path"]) / f"eval-{content_hash(settings)}.json"
     try:
         report = json.loads(path.read_text())

@@ -96,7 +96,8 @@ class OptimSchema:
 @dataclass
 class FinetuneSchema:
     enabled: bool = spec(True, doc="fine-tune the teacher on the task first")
-    max_steps: int = spec(300, ge=1, doc="teacher fine-tune steps")
+    max_steps: int = spec(300, ge=-1, doc="teacher fine-tune steps; -1: use max_epochs")
+    max_epochs: int | None = spec(None, ge=1, doc="teacher fine-tune epochs (null: max_steps only)")
     batch_size: int = spec(32, ge=1, doc="teacher fine-tune batch size")
     lr: float = spec(1e-3, gt=0, doc="teacher fine-tune learning rate")
     weight_decay: float = spec(0.01, ge=0, doc="teacher fine-tune weight decay")
@@ -115,6 +116,8 @@ class ModelSpecSchema:
     init_seed: int = spec(0, doc="seed of the random init")
     keep_layers: list[int] | None = spec(None, doc="keep only these blocks of a `path` model")
     dtype: str | None = spec(None, choices=DTYPES, doc="weights dtype; null: float32")
+    final_norm_state: str = spec("post", choices=("post", "pre"), doc="what layer -1 is for a "
+                                 "decoder: after its final norm (HF hidden_states[-1]) or before it")
 
 
 @dataclass
@@ -138,6 +141,10 @@ class TaskSchema:
                            "truncated")
     max_prompt_words: int | None = spec(None, ge=1, doc="instruction tasks: keep the first N "
                                         "words of each prompt (before max_length cuts tokens)")
+    prompt_template: str = spec("plain", choices=("plain", "chat"), doc="instruction tasks: "
+                                "the prompt format (chat: the tokenizer's chat template)")
+    max_new_tokens: int | None = spec(None, ge=1, doc="instruction tasks: new tokens per "
+                                      "generated answer (eval.max_gen_toks overrides)")
     max_train_examples: int | None = spec(None, ge=1, doc="cap on training rows; null: all")
     max_validation_examples: int | None = spec(None, ge=1, doc="cap on validation rows")
     max_test_examples: int | None = spec(None, ge=1, doc="cap on test rows")

@@ -75,7 +75,7 @@ class DistillDataModule(L.LightningDataModule):
             return encode_classification(row, tokenizer, self.task.max_length,
                                          self.task.label_names, where)
         return encode_instruction(row, tokenizer, self.task.max_length, where,
-                                  self.task.max_prompt_words)
+                                  self.task.max_prompt_words, self.task.prompt_template)
 
     def _load_split(self, split: str) -> list[dict]:
         path = self.task.split_path(split)

@@ -6,11 +6,10 @@ import logging
 from dataclasses import dataclass
 
 from flexkd.data.formatting import (
-    clip_words,
     format_classification_context,
     format_label_choice,
-    format_prompt,
     format_response,
+    render_prompt,
 )
 from flexkd.data.jsonl import DataFileError
 from flexkd.models import IGNORE_INDEX
@@ -54,11 +53,13 @@ def encode_classification(row: dict, tokenizer, max_length: int, label_names, wh
 
 
 def encode_instruction(row: dict, tokenizer, max_length: int, where: str,
-                       max_prompt_words: int | None = None) -> Encoded:
+                       max_prompt_words: int | None = None, prompt_template: str = "plain") -> Encoded:
     for key in ("prompt", "response"):
         _require_string(row, key, where)
-    prompt = causal_context(tokenizer, format_prompt(clip_words(row["prompt"], max_prompt_words)))
-    response = tokenizer(format_response(row["response"]), add_special_tokens=False)["input_ids"]
+    prompt = causal_context(tokenizer, render_prompt(row["prompt"], tokenizer, prompt_template,
+                                                     max_prompt_words))
+    response = tokenizer(format_response(row["response"], prompt_template),
+                         add_special_tokens=False)["input_ids"]
     response = response + [tokenizer.eos_token_id]
     truncated = len(prompt) + len(response) > max_length
     if truncated:
