@@ -292,7 +292,7 @@ def build_model(spec: dict, task_format: str, tokenizer, label_names=None,
         if not hasattr(backbone, "get_output_embeddings") or backbone.get_output_embeddings() is None:
             raise ConfigError(f"model {spec.get('name')!r} has no LM head; instruction tasks need "
                               "a causal LM (choose a decoder pair, e.g. pair=tiny_causal)")
-        return CausalLM(backbone)
+        return apply_final_norm_state(CausalLM(backbone), spec)
     raise ConfigError(f"unknown task format {task_format!r}; use classification or instruction")
 
 

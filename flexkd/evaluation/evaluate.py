@@ -30,8 +30,9 @@ def lm_eval_settings(eval_cfg, task: TaskSpec | None = None):
     from flexkd.evaluation.lm_eval_bridge import LmEvalSettings
 
     cfg = OmegaConf.to_container(eval_cfg, resolve=True) if OmegaConf.is_config(eval_cfg) else dict(eval_cfg)
-    max_new = cfg.get("max_gen_toks") or (task.max_new_tokens if task is not None else None) \
-        or DEFAULT_MAX_NEW_TOKENS
+    max_new = cfg.get("max_gen_toks")
+    if max_new is None:
+        max_new = getattr(task, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
     try:
         return LmEvalSettings(batch_size=cfg["batch_size"], limit=cfg.get("limit"),
                               max_gen_toks=int(max_new), until=list(cfg.get("until") or []),
