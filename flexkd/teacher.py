@@ -87,8 +87,9 @@ def finetune_teacher(model: TaskModel, task: TaskSpec, tokenizer, finetune: dict
                                 trainable_layers=finetune.get("trainable_layers"))
     # max_epochs (paper recipes count epochs) ends it unless max_steps (-1: no cap) comes first.
     trainer = make_trainer(trainer_cfg, work_dir, max_steps=finetune["max_steps"],
-                           max_epochs=finetune.get("max_epochs"), limit_val_batches=0, enable_checkpointing=False,
-                           num_sanity_val_steps=0, val_check_interval=None)
+                           max_epochs=finetune.get("max_epochs"), limit_val_batches=0,
+                           enable_checkpointing=False, num_sanity_val_steps=0,
+                           val_check_interval=None)
     model.train()
     trainer.fit(module, train_dataloaders=data.train_dataloader())
     model.requires_grad_(True)

@@ -348,3 +348,61 @@ def test_pre_norm_needs_a_final_norm_and_passes_the_schema(tok):
     check_schema(cfg)
     with pytest.raises(ConfigError, match="final_norm_state"):
         check_schema(_compose("pair=tiny_causal", "+pair.teacher.final_norm_state=middle"))
+
+
+# ------------------------------------------------------- checkpoint selection (ROUGE-L)
+
+def test_best_validation_rouge_keeps_the_best_weights(tok, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lm_eval.models.huggingface import HFLM
+
+    from flexkd.evaluation.selection import BestValidationRouge, checkpoint_selection
+
+    folder = tmp_path / "sel"
+    folder.mkdir()
+    val = [{"prompt": "reverse: cat red", "response": "red cat"},
+           {"prompt": "reverse: dog sun", "response": "sun dog"}]
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    task = TaskSpec("sel", "instruction", folder, max_length=48, max_new_tokens=8)
+    model = CausalLM(_tiny_llama(tok))
+    eval_cfg = OmegaConf.merge(OmegaConf.load(CONF / "eval" / "default.yaml"),
+                               {"select_checkpoint": "best_val_rougeL", "val_every_n_steps": 2})
+    callback = checkpoint_selection(eval_cfg, model, tok, task)
+    assert isinstance(callback, BestValidationRouge) and callback.every_n_steps == 2
+
+    # The "model" answers the first validation example right at steps 2 and 6, both at step 4.
+    answers = {2: 1, 4: 2, 6: 1}
+    state = {"step": 0}
+
+    def generate_until(self, requests, disable_tqdm=False):
+        right = answers[state["step"]]
+        return [req.doc["response"] if i < right else "zebra" for i, req in enumerate(requests)]
+
+    monkeypatch.setattr(HFLM, "generate_until", generate_until)
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True)
+    marks = {}
+    for step in range(1, 7):
+        with torch.no_grad():  # a "training step": move one weight
+            model.backbone.lm_head.weight[0, 0] = float(step)
+        marks[step] = float(step)
+        trainer.global_step = state["step"] = step
+        callback.on_train_batch_end(trainer, None, None, None, step)
+    callback.on_train_end(trainer, None)  # step 6 already scored: not scored twice
+    assert [h["step"] for h in callback.history] == [2, 4, 6]
+    assert [h["rougeL"] for h in callback.history] == pytest.approx([50.0, 100.0, 50.0])
+    assert model.backbone.lm_head.weight[0, 0].item() == marks[4]  # the best step's weights
+    summary = callback.summary()
+    assert summary["best_step"] == 4 and summary["best_val_rougeL"] == pytest.approx(100.0)
+
+    # Its state survives a checkpoint round trip (resume keeps the best so far).
+    again = BestValidationRouge(model, tok, task, eval_cfg, 2)
+    again.load_state_dict(callback.state_dict())
+    assert again.summary() == summary
+
+    assert checkpoint_selection(OmegaConf.load(CONF / "eval" / "default.yaml"), model, tok, task) is None
+    with pytest.raises(ConfigError, match="eval.select_checkpoint='best'"):
+        checkpoint_selection({"select_checkpoint": "best"}, model, tok, task)
+    cls = TaskSpec("c", "classification", folder, label_names=["a", "b"])
+    with pytest.raises(ConfigError, match="needs an instruction task"):
+        checkpoint_selection(eval_cfg, model, tok, cls)
