@@ -23,8 +23,8 @@ def test_lines_at_every_tenth_and_after_each_quiet_stretch():
         if (text := line.update(done)) is not None:
             logged[done] = text
     assert list(logged) == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
-    assert logged[20] == "probe: 20/50 (40%), elapsed 0m20s, eta 0m30s"
-    assert logged[50] == "probe: 50/50 (100%), elapsed 0m50s, eta 0m00s"
+    assert logged[20] == "probe: 20/50, elapsed 0m20s, eta 0m30s"
+    assert logged[50] == "probe: 50/50, elapsed 0m50s, eta 0m00s"
 
 
 def test_slow_items_log_every_thirty_seconds_between_tenths():
@@ -50,7 +50,13 @@ def test_short_loops_stay_silent_and_resumed_work_is_not_speed():
     timer.now += 40.0
     # 10 steps in 40 s since the resume: 30 steps left take 120 s, not (40 / 70) * 30.
     assert resumed.update(70, extra="loss 0.5000") == (
-        "fit: 70/100 (70%), loss 0.5000, elapsed 0m40s, eta 2m00s")
+        "fit: 70/100, loss 0.5000, elapsed 0m40s, eta 2m00s")
+    calls = []
+    timer.now += 40.0
+    assert resumed.update(80, extra=lambda: calls.append(1) or "lazy") == (
+        "fit: 80/100, lazy, elapsed 1m20s, eta 1m20s")
+    assert resumed.update(81, extra=lambda: calls.append(1) or "lazy") is None
+    assert calls == [1]  # the extra text is computed only for a logged line
 
 
 def test_unknown_total_logs_on_time_only():
@@ -67,7 +73,7 @@ def test_progress_logs_when_stderr_is_not_a_terminal(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="flexkd.progress"):
         items = list(progress(range(20), "importance probe", quiet=0.0))
     assert items == list(range(20))
-    counts = [r.getMessage().split(": ")[1].split(" ")[0] for r in caplog.records]
+    counts = [r.getMessage().split(": ")[1].split(",")[0] for r in caplog.records]
     assert counts == [f"{n}/20" for n in range(2, 21, 2)]
 
 
