@@ -194,6 +194,16 @@ class Strategy(nn.Module):
                 terms[name] = self.beta * value
         return terms
 
+    # Whether the feature term is a mean over token rows (MSE, cosine): it is then normalised by
+    # the rows of the whole optimizer step. Batch statistics (correlation, CKA) are not.
+    feature_is_row_mean: ClassVar[bool] = False
+
+    def additive_terms(self) -> frozenset[str]:
+        """The terms that are means over rows (tokens or examples), so a step's loss can be their
+        sum over all its rows over the row count (flexkd.data.step_units). The others are computed
+        per micro-batch: their gradient depends on how a step's batch is split."""
+        return frozenset({"task", "logit"} | ({"feature"} if self.feature_is_row_mean else set()))
+
     def logit_loss(self, teacher: ModelOutputs, student: ModelOutputs) -> torch.Tensor:
         """The unweighted logit-KD term over the KD rows (`ModelOutputs.kd_logits`): dense, against
         the teacher's top-k (`logit_topk`), or in row chunks (`logit_chunk_rows`)."""

@@ -96,6 +96,10 @@ class FlexKD(FeatureStrategy):
             return losses.mse(student, target)
         return losses.cosine_loss(student, target)
 
+    @property
+    def feature_is_row_mean(self) -> bool:
+        return self.feature_loss in ("mse", "cosine")  # corr z-scores over the batch's tokens
+
     def diagnostics(self) -> dict:
         return {"probes": self.probes, "k": getattr(self, "k_effective", self.k),
                 "feature_loss": self.feature_loss}
