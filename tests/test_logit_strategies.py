@@ -139,6 +139,12 @@ def test_topk_with_k_equal_to_the_vocabulary_is_the_dense_loss(kind):
     assert_same(topk, dense, 1e-10)
 
 
+def test_k_above_the_vocabulary_is_rejected_at_setup():
+    with pytest.raises(ConfigError, match=rf"strategy.logit_topk=49 exceeds the teacher's {VOCAB} "
+                       r"outputs \(causal_lm\); use logit_topk <= 48, or null"):
+        prepared(logit_topk=VOCAB + 1)
+
+
 def test_a_precomputed_teacher_topk_equals_topk_from_live_logits():
     strategy, teacher, student = prepared(logit_topk=6, divergence="jsd", temperature=1.7)
     t_out, s_out = outputs(strategy, teacher, student)

@@ -175,6 +175,10 @@ class Strategy(nn.Module):
                                for s, t in self.layer_pairs]
         if self.gamma > 0 and self.logit_chunk_rows is not None:
             self.chunk_from_heads = heads_are_linear(ctx.student, ctx.teacher)
+        outputs = ctx.teacher.num_outputs
+        if self.gamma > 0 and self.logit_topk is not None and self.logit_topk > outputs:
+            raise ConfigError(f"strategy.logit_topk={self.logit_topk} exceeds the teacher's {outputs} "
+                              f"outputs ({ctx.teacher.kind}); use logit_topk <= {outputs}, or null")
 
     # ------------------------------------------------------------ losses
     def feature_losses(self, batch: dict, teacher: ModelOutputs,
