@@ -6,7 +6,9 @@ the last hidden state (encoder or decoder backbone); instruction -> a causal LM.
 
 Layer indices follow Hugging Face `hidden_states`: 0 is the embedding output, n (the number
 of layers) the last layer, negative indices count from the end (-1 = last). For Llama-family
-models in transformers 5.x the last entry is taken after the final norm (the LM head's input).
+models in transformers 5.x (and GPT-2) the last entry is taken after the final norm (the LM
+head's input); a spec's `final_norm_state: pre` makes it the last block's own output, before
+that norm (where the massive-activation dims live), read by a forward pre-hook on the norm.
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexkd.errors import ConfigError
+from flexkd.losses import TeacherTopK
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 CLASSIFIER_FILE = "flexkd_classifier.json"
 HEAD_WEIGHTS = "flexkd_head.pt"
+FINAL_NORM_STATES = ("post", "pre")
+# The final norm of decoder backbones: Llama/Mistral/Qwen `norm`, GPT-2 `ln_f`, OPT/Phi others.
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
 
 @dataclass
@@ -38,12 +44,20 @@ class ModelOutputs:
     `hidden` maps a normalised layer index to (B, L, d); `kd_logits` holds the rows that logit
     KD compares: (B, C) class logits, or (N, V) logits at the positions that predict response
     tokens. `loss` is the task cross-entropy (None when no labels were given).
+
+    Causal LMs also give `kd_hidden`, the (N, d) last hidden state at those positions, and
+    `kd_head`, the (V, d) LM-head weight: chunked logit KD recomputes logits from them, which
+    is exact only when `CausalLM.linear_head_problem()` is None. A teacher-output store may
+    give `kd_topk` (its top-k per KD row) instead of `kd_logits`.
     """
 
     kd_logits: torch.Tensor | None
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    kd_hidden: torch.Tensor | None = None
+    kd_head: torch.Tensor | None = None
+    kd_topk: TeacherTopK | None = None
 
 
 def response_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -57,10 +71,32 @@ class TaskModel(nn.Module, abc.ABC):
     """Common surface of the two heads: widths, depth, layer indexing, forward."""
 
     kind: str
+    final_norm_state = "post"  # what the last layer's entry in `hidden` is (FINAL_NORM_STATES)
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+
+    def use_final_norm_state(self, state: str) -> TaskModel:
+        """'pre': the last layer (index num_layers, -1) is read before the final norm."""
+        if state not in FINAL_NORM_STATES:
+            raise ConfigError(f"final_norm_state={state!r} is not one of: {', '.join(FINAL_NORM_STATES)}")
+        if state != self.final_norm_state:
+            if state == "post":
+                self._prenorm_hook.remove()
+            else:
+                norm = final_norm(self.backbone)
+                if norm is None:
+                    raise ConfigError(f"final_norm_state=pre: {type(self.backbone).__name__} has no "
+                                      f"final norm ({', '.join(FINAL_NORM_NAMES)}); its last hidden "
+                                      "state is already the last block's output; use post")
+                self._prenorm_hook = norm.register_forward_pre_hook(self._capture_prenorm)
+            self.final_norm_state = state
+        self._prenorm = None
+        return self
+
+    def _capture_prenorm(self, module, args) -> None:
+        self._prenorm = args[0]
 
     @property
     def config(self):
@@ -98,9 +134,12 @@ class TaskModel(nn.Module, abc.ABC):
     def forward(self, inputs: dict[str, torch.Tensor], layers=()) -> ModelOutputs:
         """inputs: input_ids, attention_mask, optional labels; layers: normalised indices."""
 
-    @staticmethod
-    def _pick(hidden_states, layers) -> dict[int, torch.Tensor]:
-        return {i: hidden_states[i] for i in layers}
+    def _pick(self, hidden_states, layers) -> dict[int, torch.Tensor]:
+        picked = {i: hidden_states[i] for i in layers}
+        if self.final_norm_state == "pre" and self.num_layers in picked:
+            picked[self.num_layers] = self._prenorm
+        self._prenorm = None
+        return picked
 
 
 class SequenceClassifier(TaskModel):
@@ -147,14 +186,43 @@ class CausalLM(TaskModel):
         out = self._backbone_states(inputs["input_ids"], inputs["attention_mask"])
         logits = out.logits
         labels = inputs.get("labels")
-        loss = kd_logits = None
+        loss = kd_logits = kd_hidden = None
         if labels is not None:
             positions = response_positions(labels)
             kd_logits = logits[positions]
+            kd_hidden = out.hidden_states[-1][positions]
             targets = labels[:, 1:][positions[:, :-1]]
             loss = F.cross_entropy(kd_logits.float(), targets) if targets.numel() else logits.sum() * 0
         return ModelOutputs(kd_logits=kd_logits, hidden=self._pick(out.hidden_states, layers),
-                            loss=loss, logits=logits)
+                            loss=loss, logits=logits, kd_hidden=kd_hidden,
+                            kd_head=self.backbone.get_output_embeddings().weight)
+
+    def linear_head_problem(self) -> str | None:
+        """Why the logits are not `last hidden state @ head weight.T` (None when they are).
+
+        Soft-capping and logit scales are read from the config (a check on a random-init model's
+        small logits would miss them); a forward on four tokens then catches the rest (a bias, a
+        last hidden state taken before the final norm, a head that is not one matmul).
+        """
+        head = self.backbone.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            return f"has an LM head of type {type(head).__name__}, not a Linear"
+        if head.bias is not None:
+            return "has an LM head with a bias"
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            value = getattr(self.config, key, None)
+            if value is not None and value != 1:
+                return f"transforms its logits (config.{key}={value})"
+        ids = torch.arange(1, 5, device=head.weight.device).clamp_max(head.weight.shape[0] - 1)[None]
+        with torch.no_grad():
+            out = self._backbone_states(ids, torch.ones_like(ids))
+            logits = out.logits.float()
+            direct = (out.hidden_states[-1] @ head.weight.T).float()
+        half = head.weight.dtype in (torch.float16, torch.bfloat16)
+        tol = (2e-2 if half else 1e-4) * logits.abs().max().clamp_min(1.0)
+        if not torch.allclose(logits, direct, rtol=0, atol=float(tol)):
+            return "gives logits that differ from its last hidden state times the head weight"
+        return None
 
 
 # ----------------------------------------------------------------------------- building
@@ -171,6 +239,21 @@ def load_tokenizer(spec: dict, resolve=lambda s: s):
         # Decoder tokenizers often ship without PAD; EOS is the usual stand-in.
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
+
+
+def final_norm(backbone: nn.Module) -> nn.Module | None:
+    """The norm between a decoder's last block and its LM head (None: the backbone has none)."""
+    base = getattr(backbone, "base_model", backbone)
+    for name in FINAL_NORM_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def apply_final_norm_state(model: TaskModel, spec: dict) -> TaskModel:
+    """A spec's `final_norm_state` (post | pre, default post) on a built or loaded model."""
+    return model.use_final_norm_state(spec.get("final_norm_state") or "post")
 
 
 def transformer_blocks(backbone: nn.Module) -> nn.ModuleList:
@@ -241,13 +324,13 @@ def build_model(spec: dict, task_format: str, tokenizer, label_names=None,
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1)
             model = SequenceClassifier(backbone, len(label_names), label_names)
-        return model.to(backbone.dtype)
+        return apply_final_norm_state(model.to(backbone.dtype), spec)
     if task_format == "instruction" or label_words:
         backbone = _backbone(spec, "causal_lm", tokenizer, resolve, seed)
         if not hasattr(backbone, "get_output_embeddings") or backbone.get_output_embeddings() is None:
             raise ConfigError(f"model {spec.get('name')!r} has no LM head; instruction tasks need "
                               "a causal LM (choose a decoder pair, e.g. pair=tiny_causal)")
-        return CausalLM(backbone)
+        return apply_final_norm_state(CausalLM(backbone), spec)
     raise ConfigError(f"unknown task format {task_format!r}; use classification or instruction")
 
 

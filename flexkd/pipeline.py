@@ -22,6 +22,7 @@ from flexkd.data.tasks import TaskSpec
 from flexkd.errors import ConfigError
 from flexkd.evaluation.evaluate import evaluate_on_task, merge_samples
 from flexkd.evaluation.harness_metrics import evaluate_model
+from flexkd.evaluation.selection import checkpoint_selection, selection_summary
 from flexkd.loggers import build_loggers, finish_loggers
 from flexkd.models import (
     build_model,
@@ -132,6 +133,7 @@ def run(cfg: DictConfig) -> dict | None:
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
                              num_workers=cfg.data.num_workers, label_words=label_words,
+                             bucket_by_length=cfg.data.bucket_by_length,
                              alignment_pool=cfg.alignment.pool)
     data.setup()
 
@@ -158,6 +160,9 @@ def run(cfg: DictConfig) -> dict | None:
         "eval_settings": reports["settings"],
         "samples": reports["samples"],
         "probe": strategy.diagnostics(),
+        "checkpoint_selection": selection_summary(trainer),
+        "layers": {"final_norm_state": {"teacher": teacher.model.final_norm_state,
+                                        "student": student.final_norm_state}},
         "params": {
             "student": total_parameters(student),
             "student_trainable": trainable_parameters(student),
@@ -203,8 +208,10 @@ def distill(ctx: RunContext, strategy, teacher, student, data, name: str):
     if cfg.resume == "never":
         shutil.rmtree(checkpoints, ignore_errors=True)
     resumed_from = resume_path(checkpoints)
+    selection = checkpoint_selection(cfg.eval, student, data.tokenizers["student"], data.task)
     trainer = make_trainer(cfg.trainer, ctx.out, logger=loggers, progress="distill", callbacks=[
-        ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps)])
+        ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps),
+        *([selection] if selection else [])])
     student.train()  # from_pretrained returns eval mode; dropout belongs to training
     trainer.fit(module, datamodule=data, ckpt_path=resumed_from)
     return trainer, loggers, resumed_from
