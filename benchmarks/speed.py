@@ -26,6 +26,7 @@ from flexkd.data.tasks import TaskSpec
 from flexkd.models import build_model, trainable_parameters, uses_label_words
 from flexkd.pipeline import cache_dir_of, load_tokenizers, strategy_kwargs
 from flexkd.sources import resolve_source
+from flexkd.step import LiveTeacher, distill_terms
 from flexkd.strategies import SetupContext, build_strategy
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -100,6 +101,7 @@ def main(argv=None) -> dict:
                   if p.requires_grad]
         runs[name] = {"student": student, "strategy": strategy, "times": [], "setup_s": setup_s,
                       "optimizer": torch.optim.AdamW(params, lr=1e-5),
+                      "teacher_outputs": LiveTeacher(teacher, strategy),
                       "extra_params": trainable_parameters(strategy)}
 
     def step(run, batch) -> float:
@@ -107,13 +109,7 @@ def main(argv=None) -> dict:
         sync(args.device)
         start = time.perf_counter()
         with autocast(args.device, args.precision):
-            request = strategy.teacher_request()
-            t_out = None
-            if strategy.needs_teacher:
-                with torch.no_grad():
-                    t_out = teacher(batch["teacher"], layers=request.layers)
-            s_out = student(batch["student"], layers=strategy.student_layers())
-            loss = sum(strategy.losses(batch, t_out, s_out).values())
+            loss = sum(distill_terms(strategy, student, batch, run["teacher_outputs"]).values())
         loss.backward()
         run["optimizer"].step()
         run["optimizer"].zero_grad(set_to_none=True)

@@ -122,7 +122,10 @@ def run(cfg: DictConfig) -> dict | None:
         task = TaskSpec.from_config(cfg.task, ctx.resolve)
         student_tok, teacher_tok = load_tokenizers(cfg, ctx.resolve)
     with ctx.timings.stage("teacher"):
-        teacher = prepare_teacher(cfg, task, teacher_tok, ctx.cache_dir, ctx.resolve)
+        teacher = prepare_teacher(cfg.pair.teacher, cfg.teacher_finetune, cfg.trainer, task,
+                                  teacher_tok, ctx.cache_dir, ctx.resolve,
+                                  eval_batch_size=cfg.data.eval_batch_size,
+                                  label_words=uses_label_words(cfg.pair))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     name, kwargs = strategy_kwargs(cfg)
@@ -193,7 +196,7 @@ def distill(ctx: RunContext, strategy, teacher, student, data, name: str):
     if cfg.resume == "never":
         shutil.rmtree(checkpoints, ignore_errors=True)
     resumed_from = resume_path(checkpoints)
-    trainer = make_trainer(cfg.trainer, ctx.out, logger=loggers, callbacks=[
+    trainer = make_trainer(cfg.trainer, ctx.out, logger=loggers, progress="distill", callbacks=[
         ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps)])
     student.train()  # from_pretrained returns eval mode; dropout belongs to training
     trainer.fit(module, datamodule=data, ckpt_path=resumed_from)

@@ -6,6 +6,7 @@ from transformers import BertConfig, BertModel
 
 from flexkd.errors import ConfigError
 from flexkd.models import SequenceClassifier
+from flexkd.step import LiveTeacher, distill_terms
 from flexkd.strategies import STRATEGIES, SetupContext, build_strategy
 
 ALL = ["flexkd", "raw", "projection", "cka", "logit_kd", "sft"]
@@ -50,10 +51,7 @@ def prepared(name, d_teacher=16, d_student=8, **kwargs):
 
 
 def step_losses(strategy, teacher, student, b):
-    request = strategy.teacher_request()
-    t_out = teacher(b["teacher"], layers=request.layers) if strategy.needs_teacher else None
-    s_out = student(b["student"], layers=strategy.student_layers())
-    return strategy.losses(b, t_out, s_out)
+    return distill_terms(strategy, student, b, LiveTeacher(teacher, strategy))
 
 
 def test_every_strategy_is_registered_and_unknown_names_list_them():
