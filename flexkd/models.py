@@ -44,6 +44,8 @@ class ModelOutputs:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    # True when `hidden` holds only the request's views (OutputRequest.views), as a store keeps.
+    reduced: bool = False
 
 
 def response_positions(labels: torch.Tensor) -> torch.Tensor:

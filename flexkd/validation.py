@@ -207,6 +207,8 @@ class RootSchema:
     debug: bool = spec(False, doc="show tracebacks for user errors")
     save_student: bool = spec(True, doc="save the distilled student")
     resume: str = spec("auto", choices=RESUME_MODES, doc="resume policy")
+    teacher_store: str = spec("auto", choices=("auto", "off"),
+                              doc="auto: read the frozen teacher's outputs from a store built once")
     data: DataSchema = spec(factory=DataSchema, required=True, doc="the data loaders")
     optim: OptimSchema = spec(factory=OptimSchema, required=True, doc="the student optimiser")
     checkpoint: CheckpointSchema = spec(factory=CheckpointSchema, doc="training checkpoints")

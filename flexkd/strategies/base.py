@@ -8,6 +8,7 @@ subclasses only supply the feature terms. Strategies never import Lightning.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,10 +50,24 @@ class SetupContext:
     info: dict = field(default_factory=dict)  # strategies write diagnostics here
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class OutputRequest:
     layers: tuple[int, ...] = ()
     logits: bool = False
+    # Per layer, what the strategy reads of the state: None (all of it), a 1-D LongTensor of
+    # dims, or a (d, k) projection. A teacher-output store keeps only that (flexkd: k of d_T).
+    views: tuple = ()
+
+    def apply(self, outputs: ModelOutputs) -> ModelOutputs:
+        """`outputs` with each requested layer reduced to its view (as a store holds it)."""
+        if outputs is None or outputs.reduced or not any(v is not None for v in self.views):
+            return outputs
+        hidden = dict(outputs.hidden)
+        for layer, view in zip(self.layers, self.views, strict=True):
+            if view is not None:
+                h = outputs.hidden[layer]
+                hidden[layer] = h[..., view] if view.dim() == 1 else h.float() @ view
+        return dataclasses.replace(outputs, hidden=hidden, reduced=True)
 
 
 class Strategy(nn.Module):
