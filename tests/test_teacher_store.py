@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +31,6 @@ from flexkd.sources import resolve_source
 from flexkd.step import LiveTeacher, distill_terms
 from flexkd.strategies import SetupContext, build_strategy
 from flexkd.teacher_store import STORE_KIND, StoredTeacher, store_decision, teacher_store
-
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
