@@ -22,6 +22,7 @@ from flexkd.data.tasks import TaskSpec
 from flexkd.errors import ConfigError
 from flexkd.evaluation.evaluate import evaluate_on_task, merge_samples
 from flexkd.evaluation.harness_metrics import evaluate_model
+from flexkd.evaluation.selection import checkpoint_selection, selection_summary
 from flexkd.loggers import build_loggers, finish_loggers
 from flexkd.models import (
     build_model,
@@ -35,7 +36,7 @@ from flexkd.models import (
 from flexkd.reporting import environment, summary_table, write_results
 from flexkd.sources import resolve_source
 from flexkd.storage import default_cache_dir
-from flexkd.strategies import SetupContext, build_strategy
+from flexkd.strategies import SetupContext, build_strategy, variant_of
 from flexkd.teacher import evaluate_teacher, prepare_teacher
 from flexkd.training import autocast, make_trainer, runtime_device
 from flexkd.validation import validate_config
@@ -78,11 +79,6 @@ def load_tokenizers(cfg: DictConfig, resolve):
     same = ((teacher_spec.get("tokenizer") or teacher_spec.get("path"))
             == (student_spec.get("tokenizer") or student_spec.get("path")))
     return student_tok, (student_tok if same else load_tokenizer(teacher_spec, resolve))
-
-
-def strategy_kwargs(cfg: DictConfig) -> tuple[str, dict]:
-    kwargs = OmegaConf.to_container(cfg.strategy, resolve=True)
-    return kwargs.pop("name"), kwargs
 
 
 @dataclass
@@ -128,8 +124,8 @@ def run(cfg: DictConfig) -> dict | None:
                                   label_words=uses_label_words(cfg.pair))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    name, kwargs = strategy_kwargs(cfg)
-    strategy = build_strategy(name, **kwargs)
+    strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
+    strategy, name = build_strategy(strategy_cfg), strategy_cfg["name"]
     label_words = uses_label_words(cfg.pair)
     student = build_model(OmegaConf.to_container(cfg.pair.student, resolve=True), task.format,
                           student_tok, task.label_names, ctx.resolve, seed=cfg.seed,
@@ -158,12 +154,16 @@ def run(cfg: DictConfig) -> dict | None:
         "pair": cfg.pair.name,
         "task": task.name,
         "strategy": name,
+        "variant": variant_of(strategy_cfg),
         "seed": int(cfg.seed),
         "main_metric": cfg.task.main_metric,
         "metrics": reports["metrics"],
         "eval_settings": reports["settings"],
         "samples": reports["samples"],
         "probe": strategy.diagnostics(),
+        "checkpoint_selection": selection_summary(trainer),
+        "layers": {"final_norm_state": {"teacher": teacher.model.final_norm_state,
+                                        "student": student.final_norm_state}},
         "params": {
             "student": total_parameters(student),
             "student_trainable": trainable_parameters(student),
@@ -212,8 +212,10 @@ def distill(ctx: RunContext, strategy, teacher, student, data, name: str, teache
     if cfg.resume == "never":
         shutil.rmtree(checkpoints, ignore_errors=True)
     resumed_from = resume_path(checkpoints)
+    selection = checkpoint_selection(cfg.eval, student, data.tokenizers["student"], data.task)
     trainer = make_trainer(cfg.trainer, ctx.out, logger=loggers, progress="distill", callbacks=[
-        ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps)])
+        ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps),
+        *([selection] if selection else [])])
     student.train()  # from_pretrained returns eval mode; dropout belongs to training
     trainer.fit(module, datamodule=data, ckpt_path=resumed_from)
     return trainer, loggers, resumed_from

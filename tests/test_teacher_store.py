@@ -62,11 +62,9 @@ def prepared(name: str, pair: str, cache_dir, **knobs):
     student.eval()
     data = DistillDataModule(task, tok, batch_size=8, seed=0, label_words=label_words)
     data.setup()
-    kwargs = OmegaConf.to_container(cfg.strategy, resolve=True)
-    kwargs.pop("name")
     if name == "flexkd":
         knobs = {"probe_examples": 64} | knobs
-    strategy = build_strategy(name, **(kwargs | knobs))
+    strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True), **knobs)
     strategy.setup(SetupContext(teacher=teacher, student=student, datamodule=data,
                                 cache_dir=str(cache_dir), teacher_fingerprint=f"test-{pair}"))
     return cfg, teacher, student, strategy, data

@@ -80,7 +80,8 @@ class DistillDataModule(L.LightningDataModule):
             return encode_classification(row, tokenizer, self.task.max_length,
                                          self.task.label_names, where, spans=spans)
         return encode_instruction(row, tokenizer, self.task.max_length, where,
-                                  self.task.max_prompt_words, spans=spans)
+                                  self.task.max_prompt_words, spans=spans,
+                                  prompt_template=self.task.prompt_template)
 
     def _example(self, i: int, row: dict, where: str) -> dict:
         ex = {"index": i, "where": where}
