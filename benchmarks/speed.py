@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import subprocess
@@ -102,6 +103,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--sweep-args", default="",
                         help="more run.py overrides for the sweep, space-separated")
     args = parser.parse_args(argv)
+    # The store builds' and probes' progress lines.
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
 
     defaults = ["pair=tiny_encoder", "task=tiny_cls"]
     keys = {o.split("=")[0] for o in args.overrides}
@@ -225,8 +228,6 @@ def main(argv=None) -> dict:
 def harness_vs_bare(run, batches, cfg, args) -> dict:
     """The Lightning step of run.py's DistillationModule vs a bare loop of the same math on the
     same batches: step-to-step intervals (data fetch, hooks, logging, optimizer, scheduler)."""
-    import logging
-
     import lightning as L
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
