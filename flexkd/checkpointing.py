@@ -72,9 +72,13 @@ class ResumeCheckpoint(L.Callback):
         loader = trainer.train_dataloader
         sampler = getattr(loader, "batch_sampler", None)
         if hasattr(sampler, "fast_forward"):
-            done = trainer.global_step * trainer.accumulate_grad_batches
-            sampler.set_epoch(done // len(sampler))
-            sampler.fast_forward(done % len(sampler))
+            # Lightning steps the optimizer at an epoch's end even when its last accumulation
+            # window is short, so an epoch holds ceil(batches / accumulate) optimizer steps.
+            accumulate = trainer.accumulate_grad_batches
+            steps_per_epoch = -(-len(sampler) // accumulate)
+            epoch, steps_into_epoch = divmod(trainer.global_step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            sampler.fast_forward(steps_into_epoch * accumulate)
         if self._restored_rng is not None:
             set_rng_state(self._restored_rng)
         log.info("resumed at step %d from %s", trainer.global_step, self.dir / LAST)

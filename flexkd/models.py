@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexkd.errors import ConfigError
+from flexkd.losses import TeacherTopK
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,20 @@ class ModelOutputs:
     `hidden` maps a normalised layer index to (B, L, d); `kd_logits` holds the rows that logit
     KD compares: (B, C) class logits, or (N, V) logits at the positions that predict response
     tokens. `loss` is the task cross-entropy (None when no labels were given).
+
+    Causal LMs also give `kd_hidden`, the (N, d) last hidden state at those positions, and
+    `kd_head`, the (V, d) LM-head weight: chunked logit KD recomputes logits from them, which
+    is exact only when `CausalLM.linear_head_problem()` is None. A teacher-output store may
+    give `kd_topk` (its top-k per KD row) instead of `kd_logits`.
     """
 
     kd_logits: torch.Tensor | None
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    kd_hidden: torch.Tensor | None = None
+    kd_head: torch.Tensor | None = None
+    kd_topk: TeacherTopK | None = None
     # True when `hidden` holds only the request's views (OutputRequest.views), as a store keeps.
     reduced: bool = False
 
@@ -179,14 +188,43 @@ class CausalLM(TaskModel):
         out = self._backbone_states(inputs["input_ids"], inputs["attention_mask"])
         logits = out.logits
         labels = inputs.get("labels")
-        loss = kd_logits = None
+        loss = kd_logits = kd_hidden = None
         if labels is not None:
             positions = response_positions(labels)
             kd_logits = logits[positions]
+            kd_hidden = out.hidden_states[-1][positions]
             targets = labels[:, 1:][positions[:, :-1]]
             loss = F.cross_entropy(kd_logits.float(), targets) if targets.numel() else logits.sum() * 0
         return ModelOutputs(kd_logits=kd_logits, hidden=self._pick(out.hidden_states, layers),
-                            loss=loss, logits=logits)
+                            loss=loss, logits=logits, kd_hidden=kd_hidden,
+                            kd_head=self.backbone.get_output_embeddings().weight)
+
+    def linear_head_problem(self) -> str | None:
+        """Why the logits are not `last hidden state @ head weight.T` (None when they are).
+
+        Soft-capping and logit scales are read from the config (a check on a random-init model's
+        small logits would miss them); a forward on four tokens then catches the rest (a bias, a
+        last hidden state taken before the final norm, a head that is not one matmul).
+        """
+        head = self.backbone.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            return f"has an LM head of type {type(head).__name__}, not a Linear"
+        if head.bias is not None:
+            return "has an LM head with a bias"
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            value = getattr(self.config, key, None)
+            if value is not None and value != 1:
+                return f"transforms its logits (config.{key}={value})"
+        ids = torch.arange(1, 5, device=head.weight.device).clamp_max(head.weight.shape[0] - 1)[None]
+        with torch.no_grad():
+            out = self._backbone_states(ids, torch.ones_like(ids))
+            logits = out.logits.float()
+            direct = (out.hidden_states[-1] @ head.weight.T).float()
+        half = head.weight.dtype in (torch.float16, torch.bfloat16)
+        tol = (2e-2 if half else 1e-4) * logits.abs().max().clamp_min(1.0)
+        if not torch.allclose(logits, direct, rtol=0, atol=float(tol)):
+            return "gives logits that differ from its last hidden state times the head weight"
+        return None
 
 
 # ----------------------------------------------------------------------------- building

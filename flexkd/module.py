@@ -12,7 +12,7 @@ import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from flexkd.models import ModelOutputs, TaskModel, transformer_blocks
-from flexkd.step import LiveTeacher, TeacherOutputs, check_finite, distill_terms
+from flexkd.step import LiveTeacher, TeacherOutputs, check_finite, distill_terms, normalise_to_step
 from flexkd.strategies.base import Strategy
 
 
@@ -49,9 +49,9 @@ class DistillationModule(L.LightningModule):
         batch_size = batch["index"].numel()
         for name, value in terms.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
-        loss = sum(terms.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        return loss
+        # Logged: this micro-batch's means. Returned: its share of the step's loss.
+        self.log("train/loss", sum(terms.values()), prog_bar=True, batch_size=batch_size)
+        return sum(normalise_to_step(terms, batch, self.strategy.additive_terms()).values())
 
     def validation_step(self, batch, batch_idx):
         out = self.student_outputs(batch)

@@ -132,7 +132,8 @@ def run(cfg: DictConfig) -> dict | None:
                           label_words=label_words)
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers, label_words=label_words)
+                             num_workers=cfg.data.num_workers, label_words=label_words,
+                             bucket_by_length=cfg.data.bucket_by_length)
     data.setup()
 
     with ctx.timings.stage("probe"):

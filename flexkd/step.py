@@ -9,10 +9,12 @@ neither does this module.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
 
+from flexkd.data.step_units import DIVISOR
 from flexkd.errors import NonFiniteLossError
 from flexkd.models import ModelOutputs, TaskModel
 from flexkd.strategies.base import Strategy
@@ -55,6 +57,28 @@ def distill_terms(strategy: Strategy, student: TaskModel, batch: dict,
         teacher = teacher_outputs(batch)
     student_out = student(batch["student"], layers=strategy.student_layers())
     return strategy.losses(batch, teacher, student_out)
+
+
+def normalise_to_step(terms: dict[str, torch.Tensor], batch: dict,
+                      additive: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The terms as this micro-batch's share of its optimizer step's loss (flexkd.data.step_units).
+
+    A term in `additive` is a mean over its rows; it becomes mean * rows / step_rows * divisor:
+    after Lightning's division by accumulate_grad_batches and DDP's average over ranks, the step's
+    gradient is that of (sum over all its rows) / (its rows), however the batch was split. Other
+    terms (batch statistics), terms without a count, and batches without "step_units" (outside
+    training) pass unchanged."""
+    step = batch.get("step_units")
+    if not step:
+        return dict(terms)
+    micro, out = batch["units"], {}
+    for name, value in terms.items():
+        if name in additive and name in step:
+            # A step without any such row has a zero term; keep it connected to the graph.
+            weight = micro[name] * step[DIVISOR] / step[name] if step[name] else 0.0
+            value = value * weight
+        out[name] = value
+    return out
 
 
 def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:

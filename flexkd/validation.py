@@ -62,6 +62,8 @@ class Data(Schema):
     batch_size: int = Field(16, ge=1, description="training batch size")
     eval_batch_size: int = Field(64, ge=1, description="evaluation batch size")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    bucket_by_length: bool = Field(True, description="batch examples of similar length (less "
+                                   "padding)")
 
 
 class Optim(Schema):

@@ -98,3 +98,19 @@ def test_a_changed_config_in_the_same_dir_is_run_afresh_not_skipped(run_cli):
     assert "different config" in again.stderr + again.stdout
     assert again.results()["train"]["steps"] == 8
     assert again.results()["train"]["resumed_from"] is None
+
+
+def test_resume_position_counts_a_short_last_accumulation_window():
+    """7 batches an epoch at accumulate 2: Lightning takes 4 optimizer steps an epoch (the last
+    one on a single batch), so step 5 resumes at epoch 1, batch 2 — not at batch 10 % 7 = 3."""
+    from types import SimpleNamespace
+
+    from flexkd.checkpointing import ResumeCheckpoint
+    from flexkd.data.sampling import ResumableBatchSampler
+
+    sampler = ResumableBatchSampler(7 * 4, 4, seed=0, rank=0, world_size=1)
+    trainer = SimpleNamespace(global_step=5, accumulate_grad_batches=2,
+                              train_dataloader=SimpleNamespace(batch_sampler=sampler))
+    ResumeCheckpoint("unused", 5).on_train_start(trainer, None)
+    assert sampler.epoch == 1
+    assert list(sampler) == sampler.batches(1)[2:]

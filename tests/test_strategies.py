@@ -212,3 +212,35 @@ def test_a_knob_may_not_shadow_the_interface():
             class Knobs(Strategy.Knobs):
                 losses: int = Field(1)
                 training: bool = Field(True)
+
+
+@pytest.mark.parametrize("name, knobs", [("flexkd", {}), ("flexkd", {"selection": "directions"}),
+                                         ("cka", {})])
+def test_feature_losses_under_bf16_autocast_match_fp32(name, knobs):
+    """The loss reductions run in fp32 inside autocast (flexkd.losses), and the strategy itself
+    must not hand them bf16 copies. The models run in fp32 outside autocast here, so the loss
+    and the student's gradients see the same features both times: only the strategy's own
+    arithmetic is under test."""
+    strategy, teacher, student = prepared(name, alpha=0.0, beta=1.0, **knobs)
+    gen = torch.Generator().manual_seed(3)
+    b = batch(torch.randint(5, 30, (4, 7), generator=gen), torch.ones(4, 7, dtype=torch.long),
+              torch.tensor([0, 1, 1, 0]))
+    b["student"]["attention_mask"][1, 5:] = 0
+
+    def loss_and_grads(autocast):
+        student.zero_grad()
+        teacher_out = LiveTeacher(teacher, strategy)(b)
+        student_out = student(b["student"], layers=strategy.student_layers())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = strategy.losses(b, teacher_out, student_out)["feature"]
+        assert loss.dtype == torch.float32
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    (fp32_loss, fp32_grads), (bf16_loss, bf16_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert fp32_loss > 0 and fp32_grads
+    torch.testing.assert_close(bf16_loss, fp32_loss, rtol=1e-3, atol=0)
+    assert bf16_grads.keys() == fp32_grads.keys()
+    for n, g in fp32_grads.items():
+        scale = g.abs().max().clamp_min(1e-12)
+        assert (bf16_grads[n] - g).abs().max() <= 1e-3 * scale, n

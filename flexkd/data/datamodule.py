@@ -19,6 +19,7 @@ from flexkd.data.encoding import (
 )
 from flexkd.data.jsonl import read_jsonl
 from flexkd.data.sampling import ResumableBatchSampler
+from flexkd.data.step_units import StepExamples, StepUnitsBatchSampler, add_units, example_units
 from flexkd.data.tasks import SPLITS, TaskSpec
 from flexkd.models import IGNORE_INDEX
 
@@ -51,11 +52,14 @@ class DistillDataModule(L.LightningDataModule):
     input_ids, attention_mask and labels. With one shared tokenizer both sides are the same
     tensors. With two tokenizers a batch also holds "alignment": {"student": (B, Ls),
     "teacher": (B, Lt) group ids (-1 = none), "n_groups": G} - or None when a tokenizer has no
-    offset mapping (not fast), which only token-comparing strategies refuse."""
+    offset mapping (not fast), which only token-comparing strategies refuse.
+    `bucket_by_length`: every loader batches examples of similar length (less padding).
+    Training batches also hold "units" and "step_units": the rows each row-mean loss term has in
+    this batch and in its whole optimizer step (flexkd.data.step_units)."""
 
     def __init__(self, task: TaskSpec, student_tokenizer, teacher_tokenizer=None,
                  batch_size: int = 16, eval_batch_size: int | None = None, seed: int = 0,
-                 num_workers: int = 0, label_words: bool = False):
+                 num_workers: int = 0, label_words: bool = False, bucket_by_length: bool = True):
         super().__init__()
         self.task = task
         self.tokenizers = {"student": student_tokenizer,
@@ -68,6 +72,7 @@ class DistillDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.label_words = label_words and task.format == "classification"
+        self.bucket_by_length = bucket_by_length
         self.splits: dict[str, list[dict]] = {}
 
     # -------------------------------------------------------------- encoding
@@ -146,14 +151,30 @@ class DistillDataModule(L.LightningDataModule):
         if not self.shared:
             batch["alignment"] = (collate_alignment([e["alignment"] for e in examples])
                                   if self.alignable else None)
+        if "step_units" in examples[0]:  # training: rows of this batch and of its optimizer step
+            batch["units"] = add_units(example_units(e, self.shared) for e in examples)
+            batch["step_units"] = examples[0]["step_units"]
         return batch
 
     def _loader(self, split: str, shuffle: bool, batch_size: int, limit: int | None = None):
         self.setup()
         data = self.splits[split][:limit] if limit else self.splits[split]
-        sampler = ResumableBatchSampler(len(data), batch_size, self.seed, shuffle=shuffle)
+        # Batches of similar lengths pad less (flexkd.data.sampling); the longer side counts.
+        lengths = [max(len(e["student"].input_ids), len(e["teacher"].input_ids)) for e in data]
+        options = dict(shuffle=shuffle, lengths=lengths if self.bucket_by_length else None)
+        if shuffle:  # training: batches carry their optimizer step's row counts (step_units.py)
+            units = [example_units(e, self.shared) for e in data]
+            sampler = StepUnitsBatchSampler(units, self.accumulate_grad_batches(), batch_size,
+                                            self.seed, **options)
+            data = StepExamples(data)
+        else:
+            sampler = ResumableBatchSampler(len(data), batch_size, self.seed, **options)
         return DataLoader(data, batch_sampler=sampler, collate_fn=self.collate,
                           num_workers=self.num_workers)
+
+    def accumulate_grad_batches(self) -> int:
+        """Micro-batches per optimizer step: the attached trainer's, else 1."""
+        return int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
 
     def train_dataloader(self):
         return self._loader("train", True, self.batch_size)
@@ -165,5 +186,6 @@ class DistillDataModule(L.LightningDataModule):
         return self._loader("test", False, self.eval_batch_size)
 
     def probe_dataloader(self, examples: int, batch_size: int):
-        """The first `examples` training examples in file order (the same for every seed)."""
+        """The first `examples` training examples of the file (the same for every seed); in
+        file order unless bucketed by length."""
         return self._loader("train", False, batch_size, limit=examples)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import typing
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -31,8 +31,8 @@ from flexkd.model_info import ModelInfo
 from flexkd.models import ModelOutputs, TaskModel
 from flexkd.schema import STRICT, show, validate
 
-Divergence = Literal["forward", "reverse", "jsd"]
-DIVERGENCES = typing.get_args(Divergence)
+log = logging.getLogger(__name__)
+
 # Keys of a strategy config that are not knobs.
 NOT_KNOBS = ("_target_", "name")
 SHIPPED_CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -59,8 +59,14 @@ class SetupContext:
 
 @dataclass(frozen=True, eq=False)
 class OutputRequest:
+    """What a strategy reads of the teacher's outputs (a teacher-output store keeps only this)."""
+
     layers: tuple[int, ...] = ()
     logits: bool = False
+    # Top-k logit KD: the teacher's k most likely ids per KD row with their log-probabilities at
+    # `topk_temperature` and the leftover mass (`losses.TeacherTopK`) suffice; None: full logits.
+    topk: int | None = None
+    topk_temperature: float | None = None
     # Per layer, what the strategy reads of the state: None (all of it), a 1-D LongTensor of
     # dims, or a (d, k) projection. A teacher-output store keeps only that (flexkd: k of d_T).
     views: tuple = ()
@@ -89,7 +95,14 @@ class Strategy(nn.Module):
         beta: FeatureWeight = 0.0
         gamma: LogitWeight = 0.0
         temperature: float = Field(2.0, gt=0, description="the logit-KD softmax temperature T")
-        divergence: Divergence = Field("forward", description="the logit-KD divergence")
+        divergence: Literal[losses.DIVERGENCES] = Field("forward", description="the logit-KD divergence")
+        skew: float = Field(0.1, ge=0, le=1, description="the mixing weight of the skl / srkl "
+                            "divergences (DistiLLM); 0 gives forward / reverse KL")
+        logit_topk: int | None = Field(None, ge=1, description="logit KD against the teacher's top-k "
+                                       "ids plus one leftover bucket; null: the full distribution")
+        logit_chunk_rows: int | None = Field(
+            None, ge=1, description="compute logit KD in chunks of this many rows (causal LMs: from "
+            "the LM head's input, so no extra (N, V) logits); null: in one piece")
         layer_pairs: list[LayerPair] = Field(
             [(-1, -1)], min_length=1,
             description="[student_layer, teacher_layer] pairs; 0 = embeddings, -1 = last layer")
@@ -97,7 +110,7 @@ class Strategy(nn.Module):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         # Knobs become attributes: one named like a method or module state would replace it.
-        taken = set(dir(Strategy)) | {"training", "knobs", "resolved_pairs"}
+        taken = set(dir(Strategy)) | {"training", "knobs", "resolved_pairs", "chunk_from_heads"}
         shadowed = sorted(k for k in cls.Knobs.model_fields if k in taken)
         if shadowed:
             raise TypeError(f"{cls.__name__}.Knobs: knob names {shadowed} are taken by the "
@@ -113,6 +126,10 @@ class Strategy(nn.Module):
             setattr(self, key, value)
         self.layer_pairs = [tuple(p) for p in self.knobs.layer_pairs]
         self.resolved_pairs: list[tuple[int, int]] = []
+        check_logit_knobs(self.knobs)
+        # Chunked logit KD from (hidden rows, head weight) once setup has found both models' heads
+        # to be plain linear maps; until then (or if not) it chunks the logits themselves.
+        self.chunk_from_heads = False
 
     # ------------------------------------------------------------ what to ask the models for
     @property
@@ -126,7 +143,9 @@ class Strategy(nn.Module):
 
     def teacher_request(self) -> OutputRequest:
         layers = tuple(t for _, t in self.resolved_pairs) if self.feature_term_active else ()
-        return OutputRequest(layers=layers, logits=self.gamma > 0)
+        topk = self.logit_topk if self.gamma > 0 else None
+        return OutputRequest(layers=layers, logits=self.gamma > 0, topk=topk,
+                             topk_temperature=self.temperature if topk else None)
 
     def student_layers(self) -> tuple[int, ...]:
         return tuple(s for s, _ in self.resolved_pairs) if self.feature_term_active else ()
@@ -169,6 +188,12 @@ class Strategy(nn.Module):
                         ModelInfo.of_model("teacher", ctx.teacher, tokenizers.get("teacher")))
         self.resolved_pairs = [(ctx.student.layer_index(s), ctx.teacher.layer_index(t))
                                for s, t in self.layer_pairs]
+        if self.gamma > 0 and self.logit_chunk_rows is not None:
+            self.chunk_from_heads = heads_are_linear(ctx.student, ctx.teacher)
+        outputs = ctx.teacher.num_outputs
+        if self.gamma > 0 and self.logit_topk is not None and self.logit_topk > outputs:
+            raise ConfigError(f"strategy.logit_topk={self.logit_topk} exceeds the teacher's {outputs} "
+                              f"outputs ({ctx.teacher.kind}); use logit_topk <= {outputs}, or null")
 
     # ------------------------------------------------------------ losses
     def feature_losses(self, batch: dict, teacher: ModelOutputs,
@@ -182,18 +207,89 @@ class Strategy(nn.Module):
         if self.alpha > 0:
             terms["task"] = self.alpha * student.loss
         if self.gamma > 0:
-            terms["logit"] = self.gamma * losses.logit_divergence(
-                student.kd_logits, teacher.kd_logits, self.temperature, self.divergence)
+            terms["logit"] = self.gamma * self.logit_loss(teacher, student)
         if self.feature_term_active:
             for name, value in self.feature_losses(batch, teacher, student).items():
                 terms[name] = self.beta * value
         return terms
+
+    # Whether the feature term is a mean over token rows (MSE, cosine): it is then normalised by
+    # the rows of the whole optimizer step. Batch statistics (correlation, CKA) are not.
+    feature_is_row_mean: ClassVar[bool] = False
+
+    def additive_terms(self) -> frozenset[str]:
+        """The terms that are means over rows (tokens or examples), so a step's loss can be their
+        sum over all its rows over the row count (flexkd.data.step_units). The others are computed
+        per micro-batch: their gradient depends on how a step's batch is split."""
+        return frozenset({"task", "logit"} | ({"feature"} if self.feature_is_row_mean else set()))
+
+    def logit_loss(self, teacher: ModelOutputs, student: ModelOutputs) -> torch.Tensor:
+        """The unweighted logit-KD term over the KD rows (`ModelOutputs.kd_logits`): dense, against
+        the teacher's top-k (`logit_topk`), or in row chunks (`logit_chunk_rows`)."""
+        t, kind, skew = self.temperature, self.divergence, self.skew
+        if self.logit_topk is not None:
+            top = teacher_topk_of(teacher, self.logit_topk, t)
+            return losses.topk_logit_divergence(student.kd_logits, top.logprobs, top.ids, t, kind, skew,
+                                                teacher_rest_logprob=top.rest_logprob)
+        if self.logit_chunk_rows is not None:
+            s_rows, s_head = kd_rows(student, self.chunk_from_heads)
+            t_rows, t_head = kd_rows(teacher, self.chunk_from_heads)
+            # The frozen teacher's head is a parameter: no gradient may reach it from here.
+            t_head = None if t_head is None else t_head.detach()
+            return losses.chunked_logit_divergence(s_rows, t_rows, t, kind, skew, student_head=s_head,
+                                                   teacher_head=t_head, chunk_rows=self.logit_chunk_rows)
+        return losses.logit_divergence(student.kd_logits, teacher.kd_logits, t, kind, skew)
 
     def extra_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def diagnostics(self) -> dict:
         return {}
+
+
+def check_logit_knobs(knobs) -> None:
+    """Knob combinations the logit term cannot run (each knob alone is valid)."""
+    if knobs.logit_topk is not None and knobs.logit_chunk_rows is not None:
+        raise ConfigError(f"strategy.logit_topk={knobs.logit_topk} and strategy.logit_chunk_rows="
+                          f"{knobs.logit_chunk_rows}: choose one (set the other to null)")
+    for key in ("logit_topk", "logit_chunk_rows"):
+        if getattr(knobs, key) is not None and knobs.divergence not in losses.SHARED_VOCAB_DIVERGENCES:
+            raise ConfigError(
+                f"strategy.{key}={getattr(knobs, key)} needs a one-vocabulary divergence, but "
+                f"strategy.divergence={knobs.divergence!r}; choose one of "
+                f"{', '.join(losses.SHARED_VOCAB_DIVERGENCES)}, or set strategy.{key}=null")
+
+
+def teacher_topk_of(teacher: ModelOutputs, k: int, temperature: float) -> losses.TeacherTopK:
+    """The teacher's top-k at `temperature`: precomputed (a store's `kd_topk`) or from its logits."""
+    if teacher.kd_topk is None:
+        return losses.teacher_topk(teacher.kd_logits, k, temperature)
+    stored = teacher.kd_topk.ids.shape[-1]
+    if stored != k:
+        raise ValueError(f"the teacher's precomputed top-k has k={stored}, the strategy asks for k={k}")
+    return teacher.kd_topk
+
+
+def kd_rows(outputs: ModelOutputs, from_head: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows, head) for chunked logit KD: the LM head's input rows and weight when allowed and
+    present, else the KD logits themselves (head None)."""
+    if from_head and outputs.kd_hidden is not None and outputs.kd_head is not None:
+        return outputs.kd_hidden, outputs.kd_head
+    if outputs.kd_logits is None:
+        raise ValueError("chunked logit KD needs KD logits, or hidden rows and an LM head; these "
+                         "outputs have neither (a store that keeps only a top-k?)")
+    return outputs.kd_logits, None
+
+
+def heads_are_linear(student: TaskModel, teacher: TaskModel) -> bool:
+    """Whether both causal LMs' logits are their last hidden state times the head weight, so
+    chunked logit KD may start from the hidden rows; if not, say why and chunk the logits."""
+    problems = [f"the {role} {problem}" for role, model in (("student", student), ("teacher", teacher))
+                if (problem := getattr(model, "linear_head_problem", lambda: "has no LM head")())]
+    if problems:
+        log.warning("strategy.logit_chunk_rows: chunking the logits, not the LM head's input, "
+                    "because %s", "; ".join(problems))
+    return not problems
 
 
 def feature_mask(batch: dict) -> torch.Tensor:

@@ -52,6 +52,8 @@ class RawFeatures(FeatureStrategy):
     def pair_loss(self, student_rows, teacher_rows, index):
         return losses.mse(student_rows, teacher_rows)
 
+    feature_is_row_mean = True
+
 
 class Projection(FeatureStrategy):
     """Learned Linear(d_S -> d_T) on the student state, MSE to the full teacher state.
@@ -74,6 +76,8 @@ class Projection(FeatureStrategy):
     def pair_loss(self, student_rows, teacher_rows, index):
         projector = self.projectors[index]
         return losses.mse(projector(student_rows.to(projector.weight.dtype)), teacher_rows)
+
+    feature_is_row_mean = True
 
 
 class CKA(FeatureStrategy):

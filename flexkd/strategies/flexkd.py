@@ -81,7 +81,9 @@ class FlexKD(FeatureStrategy):
     def teacher_targets(self, teacher_rows: torch.Tensor, index: int) -> torch.Tensor:
         sel = getattr(self, f"selection_{index}")
         if sel.dim() == 2:  # directions extension: project onto task-tangent eigenvectors
-            return teacher_rows.float() @ sel
+            # In fp32 also under autocast, which would run this matmul in bf16.
+            with torch.autocast(teacher_rows.device.type, enabled=False):
+                return teacher_rows.float() @ sel.float()
         return teacher_rows[:, sel]
 
     def teacher_request(self) -> OutputRequest:
@@ -112,6 +114,10 @@ class FlexKD(FeatureStrategy):
         if self.feature_loss == "mse":
             return losses.mse(student, target)
         return losses.cosine_loss(student, target)
+
+    @property
+    def feature_is_row_mean(self) -> bool:
+        return self.feature_loss in ("mse", "cosine")  # corr z-scores over the batch's tokens
 
     def diagnostics(self) -> dict:
         return {"probes": self.probes, "k": getattr(self, "k_effective", self.k),
