@@ -60,7 +60,9 @@ def prepared(name: str, pair: str, cache_dir, **knobs):
                           label_words=label_words)
     # Dropout off in the student too: the two passes compared below must be the same function.
     student.eval()
-    data = DistillDataModule(task, tok, batch_size=8, seed=0, label_words=label_words)
+    # Not length-bucketed: the batches must have padding for the shape rebuild to be tested.
+    data = DistillDataModule(task, tok, batch_size=8, seed=0, label_words=label_words,
+                             bucket_by_length=False)
     data.setup()
     if name == "flexkd":
         knobs = {"probe_examples": 64} | knobs
