@@ -3,17 +3,36 @@
     python -m benchmarks.speed                              # tiny pair, CPU, fp32
     python -m benchmarks.speed pair=mpnet_minilm task=rt_polarity --steps 10 --precision bf16
     python -m benchmarks.speed ... --device cuda --precision bf16
+    python -m benchmarks.speed pair=mpnet_minilm task=rt_polarity --sweep --sweep-steps 20
 
-Every strategy is timed on the same batches, round-robin (A B C A B C ...) so that machine
-noise hits all of them alike, and the report gives each one's time per step as a ratio to
-plain fine-tuning (`sft`). The teacher is random-init or pretrained as the pair says; it is
-not fine-tuned here (speed does not depend on it), and the probe is timed once.
+Three measurements, in one run:
+
+1. Every strategy's step, with the live teacher and with the teacher-output store
+   (flexkd.teacher_store), timed on the same batches round-robin (A B C A B C ...) so that
+   machine noise hits all of them alike, each as a ratio to plain fine-tuning (`sft`).
+   The store covers the benchmark's own training examples (`task.max_train_examples` is set
+   to steps x batch unless given); reading it does not depend on its size (memory-mapped).
+2. The harness's Lightning step (DistillationModule + Trainer, as run.py trains) against a
+   bare PyTorch loop doing the same math (distill_terms, backward, clip, AdamW, schedule) on the
+   same batches, for `--harness-strategy` with the store.
+3. `--sweep`: the wall time of `python run.py -m experiment=... trainer.max_steps=...` with
+   `teacher_store=off` and with `teacher_store=auto` (store builds included: a fresh cache that
+   links the real one's assets and teachers).
+
+The teacher is random-init or pretrained as the pair says; it is not fine-tuned in 1-2 (speed
+does not depend on it), and the probe is timed once (and cached).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,9 +48,12 @@ from flexkd.models import build_model, trainable_parameters, uses_label_words
 from flexkd.pipeline import cache_dir_of, load_tokenizers
 from flexkd.sources import resolve_source
 from flexkd.step import LiveTeacher, distill_terms
+from flexkd.storage import content_hash
 from flexkd.strategies import SetupContext, available_strategies, build_strategy
+from flexkd.teacher_store import teacher_store
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 # Every strategy config, sft first (the reference); strategies that need d_S == d_T (raw) fail
 # on a mismatched pair and are reported as skipped.
 STRATEGIES = sorted(available_strategies(), key=lambda name: name != "sft")
@@ -56,6 +78,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def to_device(batch, device: str):
+    return torch.utils._pytree.tree_map(lambda t: t.to(device) if torch.is_tensor(t) else t, batch)
+
+
+def trainer_precision(precision: str) -> str:
+    return "bf16-mixed" if precision == "bf16" else "32-true"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (pair=..., task=...)")
@@ -64,11 +94,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--harness-strategy", default="flexkd",
+                        help="the strategy of the Lightning-vs-bare-loop comparison ('' to skip)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time a run.py sweep with and without the store")
+    parser.add_argument("--sweep-experiment", default="rt_polarity_baselines")
+    parser.add_argument("--sweep-steps", type=int, default=150, help="trainer.max_steps per job")
+    parser.add_argument("--sweep-args", default="",
+                        help="more run.py overrides for the sweep, space-separated")
     args = parser.parse_args(argv)
+    # The store builds' and probes' progress lines.
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
 
     defaults = ["pair=tiny_encoder", "task=tiny_cls"]
     keys = {o.split("=")[0] for o in args.overrides}
-    cfg = compose([o for o in defaults if o.split("=")[0] not in keys] + args.overrides)
+    extra = [] if "task.max_train_examples" in keys else [
+        f"task.max_train_examples={(args.steps + args.warmup) * 64}"]
+    cfg = compose([o for o in defaults if o.split("=")[0] not in keys] + args.overrides + extra)
     cache_dir = cache_dir_of(cfg)
 
     def resolve(source: str) -> str:
@@ -78,16 +120,18 @@ def main(argv=None) -> dict:
     student_tok, teacher_tok = load_tokenizers(cfg, resolve)
     plain = lambda node: {k: v for k, v in node.items()}  # noqa: E731
     label_words = uses_label_words(cfg.pair)
-    teacher = build_model(plain(cfg.pair.teacher), task.format, teacher_tok, task.label_names,
+    teacher_spec = plain(cfg.pair.teacher)
+    teacher = build_model(teacher_spec, task.format, teacher_tok, task.label_names,
                           resolve, label_words=label_words).to(args.device).eval().requires_grad_(False)
+    fingerprint = "speed:" + content_hash({"spec": teacher_spec, "label_words": label_words})
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              seed=0, label_words=label_words)
-    batches = []
+    batches = []  # on the CPU, moved per step (as a DataLoader's batches are)
     for i, batch in enumerate(data.train_dataloader()):
         if i >= args.steps + args.warmup:
             break
-        batches.append(torch.utils._pytree.tree_map(
-            lambda t: t.to(args.device) if torch.is_tensor(t) else t, batch))
+        batches.append(batch)
+    precision = {"precision": trainer_precision(args.precision)}
 
     runs = {}
     for name in args.strategies.split(","):
@@ -98,26 +142,39 @@ def main(argv=None) -> dict:
                                                          resolve=True))
         start = time.perf_counter()
         try:
-            strategy.setup(SetupContext(teacher=teacher, student=student, datamodule=data,
-                                        cache_dir=None, teacher_fingerprint="speed"))
+            with autocast(args.device, args.precision):
+                strategy.setup(SetupContext(teacher=teacher, student=student, datamodule=data,
+                                            cache_dir=str(cache_dir), teacher_fingerprint=fingerprint))
         except ConfigError as e:  # this pair does not fit the strategy (raw on d_S != d_T)
             print(f"skipping {name}: {e}")
             continue
         setup_s = time.perf_counter() - start
         strategy.to(args.device)
+        start = time.perf_counter()
+        store = teacher_store("auto", strategy, teacher, data, cache_dir=cache_dir,
+                              teacher_fingerprint=fingerprint, trainer_cfg=precision,
+                              device=torch.device(args.device),
+                              precision=autocast(args.device, args.precision),
+                              batch_size=cfg.data.eval_batch_size)
+        store_s = time.perf_counter() - start
         params = [p for p in list(student.parameters()) + list(strategy.parameters())
                   if p.requires_grad]
-        runs[name] = {"student": student, "strategy": strategy, "times": [], "setup_s": setup_s,
+        modes = {"live": LiveTeacher(teacher, strategy)}
+        if store.outputs is not None:
+            modes["store"] = store.outputs
+        runs[name] = {"student": student, "strategy": strategy, "setup_s": setup_s,
+                      "store_s": store_s, "store": store, "modes": modes,
+                      "times": {mode: [] for mode in modes},
                       "optimizer": torch.optim.AdamW(params, lr=1e-5),
-                      "teacher_outputs": LiveTeacher(teacher, strategy),
                       "extra_params": trainable_parameters(strategy)}
 
-    def step(run, batch) -> float:
+    def step(run, batch, teacher_outputs) -> float:
         strategy, student = run["strategy"], run["student"]
         sync(args.device)
         start = time.perf_counter()
+        batch = to_device(batch, args.device)
         with autocast(args.device, args.precision):
-            loss = sum(distill_terms(strategy, student, batch, run["teacher_outputs"]).values())
+            loss = sum(distill_terms(strategy, student, batch, teacher_outputs).values())
         loss.backward()
         run["optimizer"].step()
         run["optimizer"].zero_grad(set_to_none=True)
@@ -126,29 +183,160 @@ def main(argv=None) -> dict:
 
     for i, batch in enumerate(batches):
         for run in runs.values():
-            if args.device == "cuda" and i == args.warmup:
-                torch.cuda.reset_peak_memory_stats()
-            elapsed = step(run, batch)
-            if i >= args.warmup:
-                run["times"].append(elapsed)
-            if args.device == "cuda":
-                run["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            for mode, teacher_outputs in run["modes"].items():
+                if args.device == "cuda" and i == args.warmup:
+                    torch.cuda.reset_peak_memory_stats()
+                elapsed = step(run, batch, teacher_outputs)
+                if i >= args.warmup:
+                    run["times"][mode].append(elapsed)
+                if args.device == "cuda":
+                    run["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
-    base = statistics.median(runs["sft"]["times"]) if "sft" in runs else None
+    med = {name: {mode: statistics.median(t) for mode, t in run["times"].items()}
+           for name, run in runs.items()}
+    base = med["sft"]["live"] if "sft" in med else None
     print(f"pair={cfg.pair.name} task={task.name} device={args.device} "
-          f"precision={args.precision} batch={cfg.data.batch_size} steps={args.steps}")
-    print(f"{'strategy':<12}{'s/step':>10}{'x sft':>8}{'setup s':>10}{'extra params':>14}"
-          f"{'peak GiB':>10}")
-    report = {}
+          f"precision={args.precision} batch={cfg.data.batch_size} steps={args.steps} "
+          f"(median s/step; x sft = / sft's step)")
+    print(f"{'strategy':<12}{'live s':>9}{'x sft':>7}{'store s':>9}{'x sft':>7}{'setup s':>9}"
+          f"{'store MB':>10}{'build s':>9}{'extra params':>14}{'peak GiB':>10}")
+    report = {"steps": {}}
     for name, run in runs.items():
-        med = statistics.median(run["times"])
-        ratio = med / base if base else float("nan")
+        live, stored = med[name]["live"], med[name].get("store")
+        ratio = lambda t: t / base if base and t is not None else float("nan")  # noqa: E731
+        info = run["store"].info
         peak = run.get("peak_gib")
-        print(f"{name:<12}{med:>10.3f}{ratio:>8.2f}{run['setup_s']:>10.2f}"
+        fmt = lambda t, spec: "-" if t is None else format(t, spec)  # noqa: E731
+        print(f"{name:<12}{live:>9.3f}{ratio(live):>7.2f}{fmt(stored, '.3f'):>9}"
+              f"{fmt(stored and ratio(stored), '.2f'):>7}{run['setup_s']:>9.2f}"
+              f"{fmt(info.get('size_mb'), '.1f'):>10}{run['store_s']:>9.1f}"
               f"{run['extra_params']:>14}{(f'{peak:.2f}' if peak else '-'):>10}")
-        report[name] = {"seconds_per_step": med, "ratio_to_sft": ratio,
-                        "setup_seconds": run["setup_s"], "peak_gib": peak}
+        report["steps"][name] = {"seconds_per_step": live, "ratio_to_sft": ratio(live),
+                                 "store_seconds_per_step": stored,
+                                 "store_ratio_to_sft": ratio(stored) if stored else None,
+                                 "setup_seconds": run["setup_s"], "store": info,
+                                 "peak_gib": peak}
+
+    name = args.harness_strategy
+    if name and name in runs:
+        report["harness"] = harness_vs_bare(runs[name], batches, cfg, args)
+    if args.sweep:
+        report["sweep"] = time_sweep(args, cache_dir)
     return report
+
+
+def harness_vs_bare(run, batches, cfg, args) -> dict:
+    """The Lightning step of run.py's DistillationModule vs a bare loop of the same math on the
+    same batches: step-to-step intervals (data fetch, hooks, logging, optimizer, scheduler)."""
+    import lightning as L
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from flexkd.module import DistillationModule
+    from flexkd.training import make_trainer
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    teacher_outputs = run["modes"].get("store") or run["modes"]["live"]
+    mode = "store" if "store" in run["modes"] else "live"
+    optim = dict(cfg.optim)
+    clip = cfg.trainer.get("gradient_clip_val")
+
+    def bare() -> list[float]:
+        student, strategy = copy.deepcopy(run["student"]), copy.deepcopy(run["strategy"])
+        params = [p for p in list(student.parameters()) + list(strategy.parameters()) if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
+        total = len(batches)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, int(total * optim["warmup_ratio"]), total, min_lr_rate=0.1)
+        marks = [time.perf_counter()]
+        for batch in batches:
+            batch = to_device(batch, args.device)
+            with autocast(args.device, args.precision):
+                loss = sum(distill_terms(strategy, student, batch, teacher_outputs).values())
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            sync(args.device)
+            marks.append(time.perf_counter())
+        return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+
+    class Marks(L.Callback):
+        def __init__(self):
+            self.marks = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if not self.marks:
+                self.marks.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            sync(args.device)
+            self.marks.append(time.perf_counter())
+
+    def lightning() -> list[float]:
+        student, strategy = copy.deepcopy(run["student"]), copy.deepcopy(run["strategy"])
+        module = DistillationModule(student, strategy, teacher_outputs=teacher_outputs, **optim)
+        marks = Marks()
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = make_trainer(cfg.trainer, tmp, callbacks=[marks], progress="speed",
+                                   accelerator="gpu" if args.device == "cuda" else "cpu",
+                                   precision=trainer_precision(args.precision),
+                                   max_steps=len(batches), max_epochs=None, limit_val_batches=0,
+                                   num_sanity_val_steps=0, enable_checkpointing=False,
+                                   enable_progress_bar=False)
+            student.train()
+            trainer.fit(module, train_dataloaders=loader)
+        return [b - a for a, b in zip(marks.marks, marks.marks[1:], strict=False)]
+
+    # bare, Lightning, bare: machine drift between the two is visible (and averaged).
+    first, harness, second = bare(), lightning(), bare()
+    skip = args.warmup
+    bare_s = statistics.median(first[skip:] + second[skip:])
+    harness_s = statistics.median(harness[skip:])
+    print(f"\nLightning step vs bare loop ({run['strategy'].name}, {mode} teacher, "
+          f"{len(batches) - skip} steps each): Lightning {harness_s:.3f} s, bare {bare_s:.3f} s "
+          f"(runs {statistics.median(first[skip:]):.3f} / {statistics.median(second[skip:]):.3f}), "
+          f"ratio {harness_s / bare_s:.3f}")
+    return {"strategy": run["strategy"].name, "teacher": mode, "lightning_seconds": harness_s,
+            "bare_seconds": bare_s, "ratio": harness_s / bare_s}
+
+
+def time_sweep(args, cache_dir: Path) -> dict:
+    """Wall time of one run.py sweep with `teacher_store=off` and with `auto`.
+
+    The store side runs in a fresh cache whose assets, teacher fine-tunes and probes link to the
+    real cache's, so its store builds are timed; the off side runs in the real cache."""
+    common = [sys.executable, str(ROOT / "run.py"), "-m", f"experiment={args.sweep_experiment}",
+              f"trainer.max_steps={args.sweep_steps}", "trainer.enable_progress_bar=false",
+              "resume=never", *args.sweep_args.split()]
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / "cache"
+        fresh.mkdir()
+        for kind in ("teachers", "probe"):  # built once, shared by both sides
+            (Path(cache_dir) / kind).mkdir(parents=True, exist_ok=True)
+        for sub in Path(cache_dir).iterdir():  # everything but the stores
+            if sub.is_dir() and sub.name != "teacher_store":
+                (fresh / sub.name).symlink_to(sub.resolve())
+        for setting, cache in (("off", cache_dir), ("auto", fresh)):
+            out = Path(tmp) / f"sweep-{setting}"
+            cmd = common + [f"teacher_store={setting}", f"cache_dir={cache}",
+                            f"hydra.sweep.dir={out}"]
+            print(f"\nsweep, teacher_store={setting}: {' '.join(cmd[1:])}", flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            times[setting] = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise SystemExit(f"the sweep failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            jobs = sum(1 for _ in out.rglob("results.json"))
+            print(f"  {jobs} jobs in {times[setting]:.0f} s", flush=True)
+    ratio = times["off"] / times["auto"]
+    print(f"\nsweep {args.sweep_experiment} (max_steps={args.sweep_steps}): without the store "
+          f"{times['off']:.0f} s, with it {times['auto']:.0f} s: {ratio:.2f}x faster")
+    return {"off_seconds": times["off"], "auto_seconds": times["auto"], "speedup": ratio}
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ class ModelOutputs:
     kd_hidden: torch.Tensor | None = None
     kd_head: torch.Tensor | None = None
     kd_topk: TeacherTopK | None = None
+    # True when `hidden` holds only the request's views (OutputRequest.views), as a store keeps.
+    reduced: bool = False
 
 
 def response_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -139,8 +139,11 @@ def run(cfg: DictConfig) -> dict | None:
 
     with ctx.timings.stage("probe"):
         setup_strategy(ctx, strategy, teacher, student, data)
+    with ctx.timings.stage("teacher_store"):
+        store = prepare_store(ctx, strategy, teacher, data)
     with ctx.timings.stage("distill"):
-        trainer, loggers, resumed_from = distill(ctx, strategy, teacher, student, data, name)
+        trainer, loggers, resumed_from = distill(ctx, strategy, teacher, student, data, name,
+                                                 teacher_outputs=store.outputs)
     if not trainer.is_global_zero:
         return None  # DDP: rank 0 evaluates and reports
     with ctx.timings.stage("evaluate"):
@@ -170,6 +173,7 @@ def run(cfg: DictConfig) -> dict | None:
             "teacher": total_parameters(teacher.model),
         },
         "teacher": teacher.info,
+        "teacher_store": store.info,
         "train": {"steps": int(trainer.global_step),
                   "resumed_from": str(resumed_from) if resumed_from else None},
         "alignment": alignment_report(data),
@@ -195,13 +199,25 @@ def setup_strategy(ctx: RunContext, strategy, teacher, student, data) -> None:
                                     teacher_fingerprint=teacher.fingerprint, seed=ctx.cfg.seed))
 
 
-def distill(ctx: RunContext, strategy, teacher, student, data, name: str):
-    """Train the student with Lightning, resuming from the run's last checkpoint if any."""
+def prepare_store(ctx: RunContext, strategy, teacher, data):
+    """The teacher-output store (`teacher_store`: auto|off), built on a cache miss."""
+    from flexkd.teacher_store import teacher_store
+
+    return teacher_store(ctx.cfg.get("teacher_store", "auto"), strategy, teacher.model, data,
+                         cache_dir=ctx.cache_dir, teacher_fingerprint=teacher.fingerprint,
+                         trainer_cfg=ctx.cfg.trainer, device=ctx.device,
+                         precision=ctx.precision(), batch_size=ctx.cfg.data.eval_batch_size)
+
+
+def distill(ctx: RunContext, strategy, teacher, student, data, name: str, teacher_outputs=None):
+    """Train the student with Lightning, resuming from the run's last checkpoint if any.
+    `teacher_outputs`: a store of the teacher's answers; the live teacher when None."""
     from flexkd.module import DistillationModule
 
     cfg = ctx.cfg
-    module = DistillationModule(student, strategy, teacher=teacher.model if
-                                strategy.needs_teacher else None, **cfg.optim)
+    live = strategy.needs_teacher and teacher_outputs is None
+    module = DistillationModule(student, strategy, teacher=teacher.model if live else None,
+                                teacher_outputs=teacher_outputs, **cfg.optim)
     loggers = build_loggers(cfg, ctx.out, {"pair": cfg.pair.name, "task": cfg.task.name,
                                            "strategy": name, "seed": int(cfg.seed)})
     checkpoints = ctx.out / "checkpoints"

@@ -180,6 +180,8 @@ class Root(Schema):
     debug: bool = Field(False, description="show tracebacks for user errors")
     save_student: bool = Field(True, description="save the distilled student")
     resume: Literal["auto", "never"] = Field("auto", description="resume policy")
+    teacher_store: Literal["auto", "off"] = Field(
+        "auto", description="auto: read the frozen teacher's outputs from a store built once")
     data: Data = Field(description="the data loaders")
     optim: Optim = Field(description="the student optimiser")
     checkpoint: Checkpoint = Field(Checkpoint(), description="training checkpoints")

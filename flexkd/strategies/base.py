@@ -14,6 +14,7 @@ PYTHONPATH and a YAML in a directory added with `hydra.searchpath` are enough.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class SetupContext:
     info: dict = field(default_factory=dict)  # strategies write diagnostics here
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class OutputRequest:
     """What a strategy reads of the teacher's outputs (a teacher-output store keeps only this)."""
 
@@ -67,6 +68,20 @@ class OutputRequest:
     # `topk_temperature` and the leftover mass (`losses.TeacherTopK`) suffice; None: full logits.
     topk: int | None = None
     topk_temperature: float | None = None
+    # Per layer, what the strategy reads of the state: None (all of it), a 1-D LongTensor of
+    # dims, or a (d, k) projection. A teacher-output store keeps only that (flexkd: k of d_T).
+    views: tuple = ()
+
+    def apply(self, outputs: ModelOutputs) -> ModelOutputs:
+        """`outputs` with each requested layer reduced to its view (as a store holds it)."""
+        if outputs is None or outputs.reduced or not any(v is not None for v in self.views):
+            return outputs
+        hidden = dict(outputs.hidden)
+        for layer, view in zip(self.layers, self.views, strict=True):
+            if view is not None:
+                h = outputs.hidden[layer]
+                hidden[layer] = h[..., view] if view.dim() == 1 else h.float() @ view
+        return dataclasses.replace(outputs, hidden=hidden, reduced=True)
 
 
 class Strategy(nn.Module):

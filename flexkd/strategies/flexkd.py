@@ -7,6 +7,7 @@ with a correlation loss. No trainable parameters are added.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Literal
 
@@ -17,7 +18,7 @@ from flexkd import losses
 from flexkd.errors import ConfigError
 from flexkd.importance import SCORES, SELECTIONS, TARGETS, ProbeConfig, cached_probe
 from flexkd.model_info import ModelInfo
-from flexkd.strategies.base import FeatureWeight, SetupContext
+from flexkd.strategies.base import FeatureWeight, OutputRequest, SetupContext, paired_tokens
 from flexkd.strategies.features import FeatureStrategy
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,26 @@ class FlexKD(FeatureStrategy):
                 return teacher_rows.float() @ sel.float()
         return teacher_rows[:, sel]
 
+    def teacher_request(self) -> OutputRequest:
+        """Only the selected dims (directions: the projections) of the teacher's states."""
+        request = super().teacher_request()
+        if not request.layers:
+            return request
+        views = tuple(getattr(self, f"selection_{i}") for i in range(len(self.resolved_pairs)))
+        return dataclasses.replace(request, views=views)
+
+    def feature_losses(self, batch, teacher, student):
+        if not teacher.reduced:
+            return super().feature_losses(batch, teacher, student)
+        # A store's answer: the teacher rows are already the targets.
+        total = sum(self.target_loss(*paired_tokens(batch, teacher, student, pair))
+                    for pair in self.resolved_pairs)
+        return {"feature": total / len(self.resolved_pairs)}
+
     def pair_loss(self, student_rows, teacher_rows, index):
-        target = self.teacher_targets(teacher_rows, index)
+        return self.target_loss(student_rows, self.teacher_targets(teacher_rows, index))
+
+    def target_loss(self, student_rows, target):
         student = student_rows[:, : target.shape[1]]
         if self.feature_loss == "corr":
             return losses.correlation_loss(student, target, self.lam, self.reduction)

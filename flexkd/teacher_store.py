@@ -1,0 +1,299 @@
+"""The teacher-output store: a frozen teacher's answers, computed once, read by every job.
+
+Every distillation step used to rerun the teacher, and every job of a sweep did it again on the
+same sentences. The store computes what `strategy.teacher_request()` names (hidden states at
+its layers - for flexkd only the selected dims or directions, see `OutputRequest.views` - and
+class logits) once per (teacher fingerprint, task data, request, precision) over the whole
+train split, and keeps it in a `flexkd.cache` entry (content key, verified, rebuilt when
+damaged, built once under a file lock when sweep jobs start together):
+
+    store.json      shapes, dtypes, the request
+    offsets.bin     int64 (n_examples + 1): example i's tokens are rows offsets[i]:offsets[i+1]
+    hidden_<l>.bin  bf16 (n_tokens, width): the valid (non-padding) teacher tokens of layer l
+    logits.bin      bf16 (n_examples, n_classes): class logits
+
+The files are memory-mapped, so a job reads only the rows of its batches. `StoredTeacher` is a
+`flexkd.step.TeacherOutputs` like `LiveTeacher`: it rebuilds each batch's padded shape from
+batch["index"] and the teacher attention mask, so the step cannot tell it from the live teacher
+(up to bf16 rounding of the stored values).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexkd.cache import EntryInfo, get_or_build, read_manifest
+from flexkd.errors import ConfigError
+from flexkd.models import ModelOutputs, TaskModel
+from flexkd.step import LiveTeacher
+from flexkd.storage import atomic_write_json, content_hash
+
+log = logging.getLogger(__name__)
+
+STORE_KIND = "teacher_store"
+STORE_VERSION = 1
+STORE_DTYPE = torch.bfloat16
+SETTINGS = ("auto", "off")
+META_FILE = "store.json"
+OFFSETS_FILE = "offsets.bin"
+
+
+class StoreMismatchError(RuntimeError):
+    """A batch does not match the store (other data or tokenizer than it was built from)."""
+
+
+# ----------------------------------------------------------------------------- the decision
+
+def store_decision(setting: str, strategy, teacher: TaskModel | None) -> tuple[bool, str]:
+    """Whether a run reads the teacher from a store, and why (for the log and results.json).
+
+    `auto` stores when the teacher's answer for an example is a fixed function of that example:
+    the teacher is frozen (DistillationModule never trains it) and runs in eval mode (dropout
+    off: LiveTeacher forces it), its inputs are the example's token ids, fixed at encoding (no
+    augmentation), padding cannot reach valid tokens (attention masks), and the answer is one
+    the store can hold. Precision is part of the store's key."""
+    if setting not in SETTINGS:
+        raise ConfigError(f"teacher_store={setting!r}; choose one of {SETTINGS}")
+    if setting == "off":
+        return False, "teacher_store=off"
+    if not strategy.needs_teacher or teacher is None:
+        return False, f"strategy {strategy.name!r} needs no teacher outputs"
+    if strategy.teacher_request().logits and teacher.kind == "causal_lm":
+        # A vocabulary-sized row per response token is too big to store densely; the top-k
+        # store (flexkd.losses.topk_logit_divergence) is not wired into the logit term yet.
+        return False, "logit KD on a causal LM reads the live teacher (top-k store not wired yet)"
+    return True, "the teacher is frozen and deterministic (eval mode, fixed inputs)"
+
+
+def precision_key(trainer_cfg) -> str:
+    """The numeric regime the teacher runs in during training: bf16 and fp32 answers differ
+    (beyond bf16 storage rounding), so they are separate entries."""
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    return "fp32"
+
+
+def request_key(request) -> dict:
+    """A JSON-able identity of what the strategy asks the teacher for."""
+    views = []
+    for view in getattr(request, "views", ()) or ():
+        if view is None:
+            views.append(None)
+        elif view.dim() == 1:
+            views.append({"dims": [int(i) for i in view.tolist()]})
+        else:
+            data = view.detach().float().cpu().contiguous().numpy().tobytes()
+            views.append({"projection": list(view.shape), "sha": content_hash(data.hex())})
+    return {"layers": [int(x) for x in request.layers], "logits": bool(request.logits),
+            "views": views}
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _open(path: Path, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A read-only memory map of a flat file as a tensor (copy-on-write: never changes the file)."""
+    numel = int(np.prod(shape)) if shape else 0
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.from_file(str(path), shared=False, size=numel, dtype=dtype)
+    return flat.view(shape)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+class StoredTeacher:
+    """Answers batches from a store entry, in the live teacher's shapes and dtypes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta = json.loads((self.path / META_FILE).read_text())
+        self.meta = meta
+        n = meta["examples"]
+        self.offsets = _open(self.path / OFFSETS_FILE, torch.int64, (n + 1,))
+        if int(self.offsets[-1]) != meta["tokens"]:
+            raise StoreMismatchError(f"{OFFSETS_FILE} ends at {int(self.offsets[-1])}, not at "
+                                     f"{meta['tokens']} tokens")
+        self.hidden = {int(layer): (_open(self.path / spec["file"], STORE_DTYPE,
+                                          (meta["tokens"], spec["width"])), _dtype(spec["dtype"]))
+                       for layer, spec in meta["hidden"].items()}
+        spec = meta.get("logits")
+        self.logits = None if spec is None else (
+            _open(self.path / spec["file"], STORE_DTYPE, (n, spec["width"])), _dtype(spec["dtype"]))
+
+    @property
+    def examples(self) -> int:
+        return self.meta["examples"]
+
+    def _token_rows(self, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The store rows of the batch's valid tokens, in the row-major order of `mask`."""
+        if int(index.max()) >= self.examples or int(index.min()) < 0:
+            raise StoreMismatchError(f"batch index {int(index.max())} is outside the store's "
+                                     f"{self.examples} training examples")
+        starts, ends = self.offsets[index], self.offsets[index + 1]
+        lengths = ends - starts
+        if not torch.equal(lengths, mask.sum(1).cpu()):
+            raise StoreMismatchError("the batch's teacher token counts differ from the store's; it "
+                                     "was built from other data or another teacher tokenizer")
+        # Row j of the batch's b-th example sits at starts[b] + j.
+        first = torch.cumsum(lengths, 0) - lengths
+        return torch.repeat_interleave(starts - first, lengths) + torch.arange(int(lengths.sum()))
+
+    def __call__(self, batch: dict) -> ModelOutputs:
+        index = batch["index"].cpu()
+        mask = batch["teacher"]["attention_mask"].bool()
+        device = mask.device
+        hidden = {}
+        if self.hidden:
+            rows = self._token_rows(index, mask)
+            for layer, (flat, dtype) in self.hidden.items():
+                padded = torch.zeros(*mask.shape, flat.shape[1], dtype=dtype, device=device)
+                padded[mask] = flat[rows].to(device=device, dtype=dtype)
+                hidden[layer] = padded
+        kd_logits = None
+        if self.logits is not None:
+            flat, dtype = self.logits
+            kd_logits = flat[index].to(device=device, dtype=dtype)
+        return ModelOutputs(kd_logits=kd_logits, hidden=hidden, logits=kd_logits,
+                            reduced=bool(hidden))
+
+
+# ----------------------------------------------------------------------------- building
+
+class _Progress:
+    """Log lines every 10% or 30 s: the build is visible in a piped log too."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done = total, desc, 0
+        self.start = self.last = time.perf_counter()
+        self.every = max(total // 10, 1)
+
+    def update(self, n: int) -> None:
+        before, self.done = self.done, self.done + n
+        now = time.perf_counter()
+        if (self.done // self.every > before // self.every or now - self.last >= 30
+                or self.done == self.total):
+            self.last = now
+            elapsed = now - self.start
+            eta = elapsed / self.done * (self.total - self.done)
+            log.info("%s: %d/%d examples, elapsed %.0fs, eta %.0fs", self.desc, self.done,
+                     self.total, elapsed, eta)
+
+
+def _to(batch, device):
+    return torch.utils._pytree.tree_map(lambda t: t.to(device) if torch.is_tensor(t) else t, batch)
+
+
+def write_store(out: Path, teacher: TaskModel, strategy, data, *, batch_size: int,
+                device: torch.device, precision) -> dict:
+    """Run the teacher over the train split and write the store files into `out`.
+
+    Examples go longest first in batches of similar length (little padding, and the largest
+    batch fails first if memory is short); rows land at their example's offsets."""
+    request = strategy.teacher_request()
+    live = LiveTeacher(teacher, strategy)
+    data.setup()
+    examples = data.splits["train"]
+    if [e["index"] for e in examples] != list(range(len(examples))):
+        raise StoreMismatchError("the train split's examples are not indexed 0..n-1")
+    lengths = torch.tensor([len(e["teacher"].input_ids) for e in examples], dtype=torch.int64)
+    offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    n_tokens = int(offsets[-1])
+    np.asarray(offsets.numpy()).tofile(out / OFFSETS_FILE)
+
+    files: dict[str, np.memmap] = {}
+    meta = {"examples": len(examples), "tokens": n_tokens, "hidden": {}, "logits": None,
+            "request": request_key(request), "store_dtype": str(STORE_DTYPE)}
+
+    def sink(name: str, rows: int, width: int) -> np.memmap:
+        if name not in files:  # bf16 bits as int16: numpy has no bfloat16
+            files[name] = np.memmap(out / name, dtype=np.int16, mode="w+", shape=(rows, width))
+        return files[name]
+
+    def bits(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(STORE_DTYPE).cpu().view(torch.int16).numpy()
+
+    order = torch.argsort(lengths, descending=True, stable=True)
+    progress = _Progress(len(examples), "teacher store")
+    teacher.to(device)
+    for chunk in order.split(batch_size):
+        batch = _to(data.collate([examples[int(i)] for i in chunk]), device)
+        with precision:
+            answer = request.apply(live(batch))
+        mask = batch["teacher"]["attention_mask"].bool()
+        if answer.hidden:
+            counts = mask.sum(1).cpu()
+            starts = offsets[chunk]
+            first = torch.cumsum(counts, 0) - counts
+            dest = (torch.repeat_interleave(starts - first, counts)
+                    + torch.arange(int(counts.sum()))).numpy()
+            for layer, h in answer.hidden.items():
+                name = f"hidden_{layer}.bin"
+                meta["hidden"][str(layer)] = {"file": name, "width": h.shape[-1],
+                                              "dtype": str(h.dtype)}
+                sink(name, n_tokens, h.shape[-1])[dest] = bits(h[mask])
+        if request.logits:
+            if answer.kd_logits.shape[0] != len(chunk):
+                raise ConfigError("the store holds one logit row per example (class logits); "
+                                  "this teacher answers per token")
+            meta["logits"] = {"file": "logits.bin", "width": answer.kd_logits.shape[-1],
+                              "dtype": str(answer.kd_logits.dtype)}
+            sink("logits.bin", len(examples), answer.kd_logits.shape[-1])[chunk.numpy()] = bits(
+                answer.kd_logits)
+        progress.update(len(chunk))
+    for memmap in files.values():
+        memmap.flush()
+    atomic_write_json(out / META_FILE, meta)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return {"examples": len(examples), "tokens": n_tokens, "size_mb": round(size / 2**20, 2)}
+
+
+@dataclass
+class StoreHandle:
+    """A run's teacher outputs and what results.json says about them."""
+
+    outputs: StoredTeacher | None
+    info: dict = field(default_factory=dict)
+
+
+def teacher_store(setting: str, strategy, teacher: TaskModel | None, data, *, cache_dir: str | Path,
+                  teacher_fingerprint: str, trainer_cfg, device: torch.device, precision,
+                  batch_size: int = 64) -> StoreHandle:
+    """The store for this run (built on a miss), or `outputs=None` (read the live teacher) with
+    the reason. `precision` is the autocast context the training step runs the teacher in."""
+    enabled, reason = store_decision(setting, strategy, teacher)
+    if not enabled:
+        log.info("teacher store: off (%s)", reason)
+        return StoreHandle(None, {"enabled": False, "reason": reason})
+    key_obj = {"teacher": teacher_fingerprint, "task": data.task.fingerprint(),
+               "request": request_key(strategy.teacher_request()),
+               "precision": precision_key(trainer_cfg)}
+
+    def build(out: Path) -> dict:
+        return write_store(out, teacher, strategy, data, batch_size=batch_size, device=device,
+                           precision=precision)
+
+    stored, entry = get_or_build(cache_dir, STORE_KIND, key_obj, build, StoredTeacher,
+                                 version=STORE_VERSION, full_verify=True, desc="teacher store")
+    info = describe(entry) | {"enabled": True, "reason": reason}
+    log.info("teacher store: %s %s (%.1f MB)", "cache hit" if entry.cache_hit else "built",
+             entry.path, info["size_mb"])
+    return StoreHandle(stored, info)
+
+
+def describe(entry: EntryInfo) -> dict:
+    manifest = read_manifest(entry.path) or {}
+    return entry.as_dict() | {"size_mb": round(manifest.get("total_size", 0) / 2**20, 2),
+                              "build_seconds": manifest.get("build_seconds")}
