@@ -452,7 +452,8 @@ def _needs(plan: PrunePlan, layout: _Layout) -> dict[str, bool]:
         new_hd = new_d // heads
         if new_hd > layout.head_dim:
             raise ConfigError(f"{layout.family}: hidden_size={new_d} with {heads} heads needs head size "
-                              f"{new_hd} > the source's {layout.head_dim}; prune hidden_size too, or fewer heads")
+                              f"{new_hd} > the source's {layout.head_dim}; prune hidden_size too, "
+                              "or fewer heads")
     kv = kv_heads_for(layout.num_heads, layout.num_kv_heads, heads, plan.num_kv_heads) \
         if layout.family == "llama" else heads
     # A size the plan gives is applied even when it is the full size (the slices are then

@@ -6,13 +6,21 @@ import json
 
 import pytest
 import torch
-from transformers import (AutoModel, AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig,
-                          LlamaForCausalLM, LlamaModel, MPNetConfig, MPNetModel)
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    MPNetConfig,
+    MPNetModel,
+)
 
 from flexkd.errors import ConfigError
 from flexkd.models import SequenceClassifier
-from flexkd.pruning import (RECORD_FILE, PrunePlan, build_pruned, choose_heads, prune, save_pruned,
-                            top_sorted)
+from flexkd.pruning import RECORD_FILE, PrunePlan, build_pruned, choose_heads, prune, save_pruned, top_sorted
 
 VOCAB = 100
 
@@ -102,7 +110,8 @@ def test_pruned_llama_reloads_from_its_directory_with_identical_outputs(tmp_path
     assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied
     record = json.loads((out / RECORD_FILE).read_text())
     assert record["plan"]["hidden_size"] == 40 and record["kept"]["layers"] == [0, 2]
-    assert len(record["kept"]["hidden"]) == 40 and record["kept"]["hidden"] == sorted(record["kept"]["hidden"])
+    hidden = record["kept"]["hidden"]
+    assert len(hidden) == 40 and hidden == sorted(hidden)
     assert [len(h) for h in record["kept"]["heads"]] == [2, 2]
     assert [len(ch) for ch in record["kept"]["intermediate"]] == [64, 64]
     assert record["parameters"]["after"] == sum(p.numel() for p in reloaded.parameters())
@@ -235,7 +244,7 @@ def test_activation_ranking_picks_the_dims_made_large_on_purpose(family):
     model = MAKERS[family]()
     loud = [2, 11, 29]
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for module in model.modules():
             weight = getattr(module, "weight", None)
             if "norm" in type(module).__name__.lower() and weight is not None:
                 weight[loud] *= 50.0  # every norm output is 50x larger on these dims
