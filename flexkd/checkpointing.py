@@ -10,7 +10,6 @@ fast-forwarded to the batch the interrupted run would have drawn next.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -99,10 +98,3 @@ class ResumeCheckpoint(L.Callback):
                                                      "epoch": trainer.current_epoch})
         self._last_saved = trainer.global_step
 
-
-def checkpoint_step(checkpoint_dir: Path) -> int | None:
-    info = Path(checkpoint_dir) / LAST_INFO
-    try:
-        return int(json.loads(info.read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return None

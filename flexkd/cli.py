@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import flexkd.resolvers  # noqa: F401  (config resolvers)
+from flexkd.offline import set_offline_defaults
 
-# Offline hygiene: a hub lookup on a machine without the hub hangs ~46 s before failing.
-# Users with the hub can set these to 0.
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+set_offline_defaults()  # run.py and the benchmarks import this module first
 
 
 def main(argv=None) -> None:
@@ -23,4 +19,4 @@ def main(argv=None) -> None:
         sys.exit(2)
     from flexkd.assets import main as assets_main
 
-    assets_main(argv[1:])
+    sys.exit(assets_main(argv[1:]))

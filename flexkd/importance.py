@@ -9,7 +9,6 @@ Results are cached on disk under a content hash of everything they depend on.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from flexkd.cache import entry_key, get_or_build
 from flexkd.errors import ConfigError
 from flexkd.models import IGNORE_INDEX, TaskModel, response_positions
-from flexkd.storage import atomic_write_bytes, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,7 @@ SELECTIONS = ("coordinates", "directions")
 TARGETS = ("gold", "predicted")
 EFFECTIVE_SHARES = (0.9, 0.95, 0.99)
 CACHE_VERSION = 1
+CACHE_KIND = "probe"
 
 
 @dataclass(frozen=True)
@@ -249,51 +249,44 @@ def run_probe(teacher: TaskModel, loader, cfg: ProbeConfig) -> ProbeResult:
 
 # ----------------------------------------------------------------------------- cache
 
-def probe_key(cfg: ProbeConfig, teacher_fingerprint: str, data_fingerprint: dict) -> str:
+PROBE_FILE = "probe.pt"
+
+
+def probe_key_object(cfg: ProbeConfig, teacher_fingerprint: str, data_fingerprint: dict) -> dict:
+    """What a probe result depends on (the seed only matters to `random` scores)."""
     fields = cfg.__dict__ | {"seed": cfg.seed if cfg.score == "random" else None}
-    return content_hash({"v": CACHE_VERSION, "cfg": fields, "teacher": teacher_fingerprint,
-                         "data": data_fingerprint})
+    return {"cfg": fields, "teacher": teacher_fingerprint, "data": data_fingerprint}
 
 
-def _save(path: Path, result: ProbeResult) -> None:
-    buf = io.BytesIO()
-    torch.save({"v": CACHE_VERSION, "key": result.key, "scores": result.scores,
-                "selection": result.selection, "stability": result.stability,
-                "effective_dims": result.effective_dims, "examples": result.examples,
-                "extra": result.extra}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+def _save(out: Path, result: ProbeResult) -> dict:
+    torch.save({"scores": result.scores, "selection": result.selection,
+                "stability": result.stability, "effective_dims": result.effective_dims,
+                "examples": result.examples, "extra": result.extra}, out / PROBE_FILE)
+    return {"examples": result.examples, "stability_overlap": round(result.stability, 4)}
 
 
-def _load(path: Path, key: str) -> ProbeResult | None:
-    try:
-        blob = torch.load(path, weights_only=True)
-        if blob.get("key") != key or blob.get("v") != CACHE_VERSION:
-            raise ValueError("key mismatch")
-        return ProbeResult(scores=blob["scores"], selection=blob["selection"],
-                           stability=blob["stability"], effective_dims=blob["effective_dims"],
-                           examples=blob["examples"], key=key, cache_hit=True,
-                           extra=blob["extra"])
-    except Exception as e:  # any unreadable entry is rebuilt, never trusted
-        log.warning("probe cache entry %s is unreadable (%s); recomputing", path, e)
-        return None
+def _load(entry: Path) -> ProbeResult:
+    blob = torch.load(entry / PROBE_FILE, weights_only=True)
+    return ProbeResult(scores=blob["scores"], selection=blob["selection"],
+                       stability=blob["stability"], effective_dims=blob["effective_dims"],
+                       examples=blob["examples"], key="", extra=blob["extra"])
 
 
 def cached_probe(teacher: TaskModel, loader, cfg: ProbeConfig, cache_dir: str | Path | None,
                  teacher_fingerprint: str, data_fingerprint: dict) -> ProbeResult:
-    """run_probe, memoised on disk under a content hash of (config, teacher, data)."""
+    """run_probe, memoised on disk (a `flexkd.cache` entry ``<cache_dir>/probe/<key>/``) under a
+    content hash of (config, teacher, data); no cache when `cache_dir` is empty."""
     start = time.perf_counter()
-    key = probe_key(cfg, teacher_fingerprint, data_fingerprint)
-    path = Path(cache_dir) / "probe" / f"{key}.pt" if cache_dir else None
-    if path is not None and path.exists():
-        result = _load(path, key)
-        if result is not None:
-            result.seconds = time.perf_counter() - start
-            log.info("importance probe: cache hit %s", path)
-            return result
-    result = run_probe(teacher, loader, cfg)
-    result.key = key
-    if path is not None:
-        _save(path, result)
-        log.info("importance probe: computed on %d examples, cached at %s", result.examples, path)
+    key_obj = probe_key_object(cfg, teacher_fingerprint, data_fingerprint)
+    if not cache_dir:
+        result = run_probe(teacher, loader, cfg)
+        result.key = entry_key(CACHE_KIND, key_obj, CACHE_VERSION)
+    else:
+        result, entry = get_or_build(Path(cache_dir), CACHE_KIND, key_obj,
+                                     lambda out: _save(out, run_probe(teacher, loader, cfg)),
+                                     _load, version=CACHE_VERSION, desc="importance probe")
+        result.key, result.cache_hit = entry.key, entry.cache_hit
+        log.info("importance probe: %s %s", "cache hit" if entry.cache_hit else
+                 f"computed on {result.examples} examples, cached at", entry.path)
     result.seconds = time.perf_counter() - start
     return result

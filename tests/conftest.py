@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from flexkd.offline import set_offline_defaults
+
 ROOT = Path(__file__).resolve().parents[1]
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+set_offline_defaults()
 os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Short budgets for end-to-end runs on 2 CPU cores.
 FAST = ["trainer.max_steps=6", "trainer.precision=32-true", "trainer.enable_progress_bar=false",

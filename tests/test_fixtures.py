@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from flexkd.fixtures import FIXTURE_NAMES, FIXTURES_DIR, fixture_path  # noqa: E402
-from flexkd.fixtures import build as fixture_build  # noqa: E402
+from flexkd.data.tasks import SPLITS
+from flexkd.fixtures import FIXTURE_NAMES, FIXTURES_DIR, fixture_path
+from flexkd.fixtures import build as fixture_build
 
 CLS_SIZES = {"train": 512, "validation": 128, "test": 128}
 INSTRUCT_SIZES = {"train": 512, "validation": 64, "test": 64}
-SPLITS = ("train", "validation", "test")
 SPECIALS = {
     "pad_token": "[PAD]",
     "unk_token": "[UNK]",

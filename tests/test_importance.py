@@ -97,14 +97,18 @@ def test_probe_cache_hit_loads_instead_of_recomputing(tmp_path, monkeypatch):
     assert not other.cache_hit  # another teacher is another key
 
 
-def test_corrupt_probe_cache_entry_is_rebuilt(tmp_path):
+@pytest.mark.parametrize("damage", ["truncate", "same_size_garbage"])
+def test_corrupt_probe_cache_entry_is_rebuilt(tmp_path, damage):
     model = tiny_classifier()
     cfg = ProbeConfig(k=5, examples=24)
     first = cached_probe(model, probe_batches(), cfg, tmp_path, "t", {})
-    path = tmp_path / "probe" / f"{first.key}.pt"
-    path.write_bytes(path.read_bytes()[:50])
+    path = tmp_path / "probe" / first.key / "probe.pt"
+    data = path.read_bytes()
+    # A short file fails the cheap size check; same-size garbage fails to load.
+    path.write_bytes(data[:50] if damage == "truncate" else bytes(len(data)))
     again = cached_probe(model, probe_batches(), cfg, tmp_path, "t", {})
     assert not again.cache_hit and again.selection.tolist() == first.selection.tolist()
+    assert path.read_bytes() == data
     assert cached_probe(model, probe_batches(), cfg, tmp_path, "t", {}).cache_hit
 
 

@@ -69,10 +69,10 @@ from flexkd.data.formatting import (
     format_label_choice,
     format_prompt,
 )
+from flexkd.offline import set_offline_defaults
 
 # Must happen before lm_eval / datasets / huggingface_hub read their configuration.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+set_offline_defaults()
 
 __all__ = [
     "LmEvalSettings",

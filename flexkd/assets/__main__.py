@@ -1,0 +1,5 @@
+import sys
+
+from flexkd.assets.cli import main
+
+sys.exit(main())
