@@ -128,13 +128,17 @@ def run(cfg: DictConfig) -> dict | None:
     name, kwargs = strategy_kwargs(cfg)
     strategy = build_strategy(name, **kwargs)
     label_words = uses_label_words(cfg.pair)
-    student = build_model(OmegaConf.to_container(cfg.pair.student, resolve=True), task.format,
-                          student_tok, task.label_names, ctx.resolve, seed=cfg.seed,
-                          label_words=label_words)
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
                              num_workers=cfg.data.num_workers, label_words=label_words)
     data.setup()
+    student_spec = OmegaConf.to_container(cfg.pair.student, resolve=True)
+    # A pruned student ranks its source's units on the first training examples (file order).
+    calibration = ([b["student"] for b in data.probe_dataloader(64, cfg.data.eval_batch_size)]
+                   if student_spec.get("prune") else None)
+    student = build_model(student_spec, task.format, student_tok, task.label_names, ctx.resolve,
+                          seed=cfg.seed, label_words=label_words, cache_dir=ctx.cache_dir,
+                          calibration=calibration)
 
     with ctx.timings.stage("probe"):
         setup_strategy(ctx, strategy, teacher, student, data)

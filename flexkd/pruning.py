@@ -38,6 +38,7 @@ Depth pruning happens first, so activation ranks reflect the blocks actually kep
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 RANKINGS = ("activation", "random", "scores")
 RECORD_FILE = "flexkd_pruning.json"
+CACHE_VERSION = 1
 FAMILIES = {"LlamaForCausalLM": "llama", "LlamaModel": "llama", "BertModel": "bert",
             "MPNetModel": "mpnet"}
 
@@ -611,22 +613,154 @@ def build_pruned(source: str | Path | nn.Module, plan: PrunePlan,
     return model
 
 
+def _write_pruned(model: nn.Module, tokenizer, out: Path, record: dict) -> None:
+    if isinstance(model, TaskModel):
+        raise ConfigError("save_pruned writes HF models; save a pruned TaskModel with "
+                          "flexkd.models.save_model")
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
 def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, record: dict) -> Path:
     """Write a pruned HF model as a normal HF directory + RECORD_FILE, atomically."""
     from flexkd.storage import atomic_directory
 
-    if isinstance(model, TaskModel):
-        raise ConfigError("save_pruned writes HF models; save a pruned TaskModel with "
-                          "flexkd.models.save_model")
-
-    def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
-
-    return atomic_directory(out_dir, fill)
+    return atomic_directory(out_dir, lambda tmp: _write_pruned(model, tokenizer, tmp, record))
 
 
 def load_record(directory: str | Path) -> dict:
     return json.loads((Path(directory) / RECORD_FILE).read_text())
+
+
+# ----------------------------------------------------------------------------- cache
+
+def source_fingerprint(source: str | Path) -> Any:
+    """What identifies a source model: a flexkd cache entry's key (assets, fine-tuned
+    teachers), else the sha256 of a local folder's config and weight files, else its name."""
+    from flexkd.cache import read_manifest
+    from flexkd.storage import file_sha256
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return str(source)
+    manifest = read_manifest(folder)
+    if manifest and manifest.get("key"):
+        return {"entry": manifest["key"]}
+    files = sorted(f for f in folder.iterdir()
+                   if f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
+    return {f.name: file_sha256(f) for f in files}
+
+
+def tensors_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_pruned(source: str | Path, plan: PrunePlan, cache_root: str | Path,
+                  calibration_batches: Iterable[Mapping] | None = None,
+                  scores: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+    """The cache entry (a reloadable HF folder + RECORD_FILE) of `source` pruned to `plan`.
+
+    Keyed by the source's fingerprint, the plan, and what the ranking reads (the scores; the
+    calibration tokens unless the ranking is random). Returns (folder, flexkd.cache.EntryInfo).
+    """
+    from flexkd.cache import get_or_build
+
+    batches = list(calibration_batches) if calibration_batches is not None else None
+    key = {"source": source_fingerprint(source), "plan": plan.as_dict(),
+           "dtype": str(dtype or torch.float32)}
+    if plan.rank_by == "scores" and scores is not None:
+        key["scores"] = tensors_fingerprint([torch.as_tensor(scores, dtype=torch.float32)])
+    if plan.rank_by != "random" and batches is not None:
+        key["calibration"] = tensors_fingerprint(
+            t for b in batches for t in _calibration_inputs(b, "cpu").values())
+
+    def build(out: Path) -> dict:
+        from transformers import AutoTokenizer
+
+        model = build_pruned(source, plan, batches, scores, dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+        except (OSError, ValueError) as e:  # a weights-only folder: the pair names its tokenizer
+            log.info("pruned source %s has no tokenizer (%s); writing weights only", source, e)
+            tokenizer = None
+        _write_pruned(model, tokenizer, out, model.flexkd_pruning)
+        record = model.flexkd_pruning
+        return {"parameters": record["parameters"], "shape": record["shape"], "source": str(source)}
+
+    def load(path: Path) -> Path:
+        load_record(path)
+        return path
+
+    return get_or_build(cache_root, "pruned", key, build, load, version=CACHE_VERSION,
+                        desc=f"pruned student of {source}")
+
+
+def pruned_source(spec: Mapping[str, Any], resolve=lambda s: s, cache_root: str | Path | None = None,
+                  calibration_batches: Iterable[Mapping] | None = None,
+                  scores: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Path:
+    """The folder of a model spec's `prune:` source: {from: <path|asset:name|hub name>, plan keys}.
+
+    `num_layers: n` is shorthand for keep_layers spread evenly over the source (first and last
+    block kept)."""
+    from flexkd.storage import default_cache_dir
+
+    spec = dict(spec)
+    source = spec.pop("from", None)
+    if not source:
+        raise ConfigError("prune: set `from` (a path, asset:<name> or hub name of the model to prune)")
+    num_layers = spec.pop("num_layers", None)
+    folder = resolve(str(source))
+    if num_layers is not None:
+        if spec.get("keep_layers") is not None:
+            raise ConfigError("prune: give num_layers or keep_layers, not both")
+        from transformers import AutoConfig
+
+        total = int(AutoConfig.from_pretrained(folder).num_hidden_layers)
+        spec["keep_layers"] = evenly_spaced_layers(total, int(num_layers))
+    plan = PrunePlan.from_dict(spec)
+    path, info = cached_pruned(folder, plan, cache_root or default_cache_dir(), calibration_batches,
+                               scores, dtype)
+    log.info("pruned student %s (%s)", path, "cache hit" if info.cache_hit else "built")
+    return path
+
+
+def pruned_shape(spec: Mapping[str, Any], resolve=lambda s: s) -> tuple[Any, int, int]:
+    """(source config, width, depth) a `prune:` spec will give, from the source's config only
+    (for config validation before any weights load)."""
+    from transformers import AutoConfig
+
+    spec = dict(spec)
+    source = spec.pop("from", None)
+    if not source:
+        raise ConfigError("prune: set `from` (a path, asset:<name> or hub name of the model to prune)")
+    config = AutoConfig.from_pretrained(resolve(str(source)))
+    num_layers = spec.pop("num_layers", None)
+    plan = PrunePlan.from_dict(spec)
+    total = int(config.num_hidden_layers)
+    if plan.keep_layers is not None:
+        bad = [i for i in plan.keep_layers if not 0 <= i < total]
+        if bad or not plan.keep_layers or sorted(set(plan.keep_layers)) != list(plan.keep_layers):
+            raise ConfigError(f"prune.keep_layers={list(plan.keep_layers)} must be increasing block "
+                              f"indices in 0..{total - 1}")
+    depth = len(evenly_spaced_layers(total, int(num_layers))) if num_layers is not None \
+        else len(plan.keep_layers) if plan.keep_layers is not None else total
+    width = plan.hidden_size or int(config.hidden_size)
+    if width > int(config.hidden_size):
+        raise ConfigError(f"prune.hidden_size={width} exceeds {source}'s hidden size {config.hidden_size}")
+    return config, width, depth
+
+
+def evenly_spaced_layers(total: int, keep: int) -> list[int]:
+    """`keep` block indices spread over 0..total-1, first and last included."""
+    if not 1 <= keep <= total:
+        raise ConfigError(f"prune.num_layers={keep} must be in 1..{total}")
+    if keep == 1:
+        return [total - 1]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})

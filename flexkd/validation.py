@@ -114,6 +114,9 @@ class ModelSpecSchema:
                              "model_type")
     init_seed: int = spec(0, doc="seed of the random init")
     keep_layers: list[int] | None = spec(None, doc="keep only these blocks of a `path` model")
+    prune: dict | None = spec(None, doc="a student pruned from a pretrained model: {from: <source>, "
+                              "hidden_size, num_heads, intermediate_size, keep_layers|num_layers, "
+                              "rank_by} (flexkd.pruning)")
     dtype: str | None = spec(None, choices=DTYPES, doc="weights dtype; null: float32")
 
 
@@ -506,6 +509,13 @@ def check_task(t: dict) -> None:
 
 
 def check_model_spec(path: str, m: dict) -> None:
+    if m.get("prune"):
+        if m.get("path") or m.get("init") or m.get("keep_layers") is not None:
+            raise ConfigError(f"{path}.prune builds the model from prune.from; drop {path}.path, "
+                              f".init and .keep_layers (use prune.keep_layers)")
+        if not (m.get("tokenizer") or m["prune"].get("from")):
+            raise ConfigError(f"{path}.prune.from is not set (the model to prune)")
+        return
     if not m.get("path") and not (m.get("init") or {}).get("model_type"):
         raise ConfigError(f"{path}: give {path}.path (a model folder, hub name or asset:<name>) "
                           f"or {path}.init.model_type (random init, e.g. bert or llama)")
@@ -588,6 +598,18 @@ def model_info(role: str, m: dict, resolve) -> ModelInfo:
     from transformers import AutoConfig
 
     key = f"pair.{role}"
+    if m.get("prune"):
+        from flexkd.pruning import pruned_shape
+
+        try:
+            config, width, depth = pruned_shape(
+                m["prune"], lambda src: _resolve(f"{key}.prune.from", src, resolve))
+        except (OSError, ValueError) as e:
+            if str(e).startswith(key):
+                raise
+            raise ConfigError(f"{key}.{_first_line(e)}") from None
+        return ModelInfo(role, str(m.get("name")), width, depth, getattr(config, "vocab_size", None),
+                         m.get("tokenizer") or m["prune"].get("from"))
     if m.get("path"):
         local = _resolve(f"{key}.path", m["path"], resolve)
         try:

@@ -318,3 +318,47 @@ def test_shrinking_encoder_heads_keeps_the_attention_temperature(family):
         _prune_attention(block, layout, torch.arange(4), torch.arange(4), keep, keep)
         assert block.attention.q.weight.shape == (16, 32)
     torch.testing.assert_close(outputs(model, batch), before, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_pruned_builds_once_and_keys_on_what_the_ranking_reads(tmp_path):
+    from flexkd.pruning import cached_pruned
+
+    source = tmp_path / "teacher"
+    llama().save_pretrained(source)
+    plan = PrunePlan(hidden_size=32, num_heads=2, intermediate_size=48)
+    folder, info = cached_pruned(source, plan, tmp_path / "cache", batches())
+    assert not info.cache_hit and info.info["shape"]["hidden_size"] == 32
+    again, info2 = cached_pruned(source, plan, tmp_path / "cache", batches())
+    assert again == folder and info2.cache_hit
+    other, info3 = cached_pruned(source, plan, tmp_path / "cache", batches(seed=5))
+    assert other != folder and not info3.cache_hit
+    batch = batches(1, seed=7)[0]
+    direct = build_pruned(source, plan, batches())
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert torch.equal(outputs(reloaded, batch), outputs(direct, batch))
+
+
+def test_a_prune_spec_builds_a_pruned_student_and_validates_from_config_only(tmp_path):
+    from flexkd.models import build_model
+    from flexkd.pruning import evenly_spaced_layers
+    from flexkd.validation import check_model_spec, model_info
+
+    assert evenly_spaced_layers(30, 6) == [0, 6, 12, 17, 23, 29]
+    assert evenly_spaced_layers(3, 2) == [0, 2]
+    source = tmp_path / "teacher"
+    llama().save_pretrained(source)
+    spec = {"name": "student", "prune": {"from": str(source), "hidden_size": 32, "num_layers": 2,
+                                         "rank_by": "random"}}
+    check_model_spec("pair.student", spec)
+    info = model_info("student", spec, lambda s: s)
+    assert (info.width, info.depth, info.vocab) == (32, 2, VOCAB)
+    student = build_model(spec, "instruction", None, cache_dir=tmp_path / "cache")
+    assert (student.hidden_size, student.num_layers, student.num_outputs) == (32, 2, VOCAB)
+    record = json.loads(next((tmp_path / "cache" / "pruned").glob(f"*/{RECORD_FILE}")).read_text())
+    assert student.backbone.flexkd_pruning["kept"] == record["kept"]
+    assert record["kept"]["layers"] == [0, 2] and record["plan"]["keep_layers"] == [0, 2]
+    with pytest.raises(ConfigError, match="hidden_size=99"):
+        model_info("student", {"name": "s", "prune": {"from": str(source), "hidden_size": 99}},
+                   lambda s: s)
+    with pytest.raises(ConfigError, match="drop pair.student.path"):
+        check_model_spec("pair.student", {**spec, "path": str(source)})
