@@ -8,7 +8,9 @@ Sheared-LLaMA do, so the student keeps the teacher's tokenizer and most of its k
   MLP-down output rows, every LayerNorm/RMSNorm, the final norm, the LM or classifier head;
   tied embeddings stay tied);
 * attention heads, respecting grouped KV heads (see `choose_heads`); for BERT/MPNet, whose
-  head size is hidden_size / num_heads, also the dims inside each kept head;
+  head size is hidden_size / num_heads, also the dims inside each kept head (q.k dims and v/o
+  dims chosen separately; q is rescaled so the softmax keeps the source's 1/sqrt(head size)).
+  MPNet shares one relative-attention bias across layers, so it keeps one head subset for all;
 * MLP channels (intermediate_size);
 * depth: a list of blocks to keep (`flexkd.models.keep_layers`).
 
@@ -33,6 +35,14 @@ dims normalises by that subset's mean/variance, and every removed unit's contrib
 stream is gone. That is inherent to width pruning; a short distillation recovers it. With
 every unit kept, the pruned model is the original (exactly: same weights, same order).
 Depth pruning happens first, so activation ranks reflect the blocks actually kept.
+
+    model = build_pruned("path/to/teacher", PrunePlan(hidden_size=288, rank_by="activation"),
+                         calibration_batches)          # a pruned copy; record on .flexkd_pruning
+    save_pruned(model, tokenizer, "out/", model.flexkd_pruning)   # AutoModel*.from_pretrained("out/")
+    folder, entry = cached_pruned("path/to/teacher", plan, cache_root, calibration_batches)
+
+A model spec `prune: {from: <path|asset:name|hub name>, hidden_size: ..., num_layers: ...}`
+is built through `pruned_source` (flexkd.models.build_model).
 """
 
 from __future__ import annotations
@@ -271,8 +281,12 @@ def _calibration_inputs(batch: Mapping[str, torch.Tensor], device) -> dict[str, 
 
 
 @torch.no_grad()
-def activation_stats(layout: _Layout, batches: Iterable[Mapping[str, torch.Tensor]]) -> _Stats:
-    """One pass over `batches` with forward hooks: every statistic the rankings need."""
+def activation_stats(layout: _Layout, batches: Iterable[Mapping[str, torch.Tensor]],
+                     want: Iterable[str] = ("hidden", "heads", "head_dims", "intermediate")) -> _Stats:
+    """One pass over `batches` with forward hooks for the statistics in `want` (the others
+    stay zero): hidden (norm outputs), heads (and the o-projection inputs), head_dims (q and
+    k outputs), intermediate (MLP down-projection inputs)."""
+    want = set(want)
     n = len(layout.blocks)
     d = int(layout.config.hidden_size)
     hd = layout.head_dim
@@ -310,13 +324,17 @@ def activation_stats(layout: _Layout, batches: Iterable[Mapping[str, torch.Tenso
             stats.z[i] += masked_abs_sum(z)
         return hook
 
-    handles = [norm.register_forward_hook(add(stats.resid)) for norm in layout.norms]
+    handles = [norm.register_forward_hook(add(stats.resid)) for norm in layout.norms] \
+        if "hidden" in want else []
     for i, block in enumerate(layout.blocks):
         a = block.attention
-        handles += [a.o.register_forward_pre_hook(head_hook(i, a.o)),
-                    a.q.register_forward_hook(add(stats.q, i)),
-                    a.k.register_forward_hook(add(stats.k, i)),
-                    block.mlp_out.register_forward_pre_hook(add(stats.channels, i))]
+        if want & {"heads", "head_dims"}:
+            handles.append(a.o.register_forward_pre_hook(head_hook(i, a.o)))
+        if "head_dims" in want:
+            handles += [a.q.register_forward_hook(add(stats.q, i)),
+                        a.k.register_forward_hook(add(stats.k, i))]
+        if "intermediate" in want:
+            handles.append(block.mlp_out.register_forward_pre_hook(add(stats.channels, i)))
     was_training = layout.base.training
     layout.base.eval()
     device = next(layout.base.parameters()).device
@@ -496,7 +514,10 @@ def prune(model: nn.Module, plan: PrunePlan, calibration_batches: Iterable[Mappi
         if calibration_batches is None:
             raise ConfigError(f"prune.rank_by={plan.rank_by} ranks by activations here: pass calibration "
                               "batches (dicts with input_ids, attention_mask)")
-        stats = activation_stats(layout, calibration_batches)
+        want = [name for name, cut in (("hidden", need["hidden"] and plan.rank_by == "activation"),
+                                       ("heads", need["heads"]), ("head_dims", need["head_dims"]),
+                                       ("intermediate", need["channels"])) if cut]
+        stats = activation_stats(layout, calibration_batches, want)
     gen = torch.Generator().manual_seed(plan.seed)
 
     def rank(activation: torch.Tensor, size: int) -> torch.Tensor:
