@@ -1,11 +1,16 @@
-"""Paper-style tables from a sweep: mean +- std over seeds, and paired tests against a reference.
+"""Paper-style tables from sweeps: mean +- std over seeds, and paired tests against a reference.
 
-    python -m benchmarks.tables multirun/2026-11-28/10-00-00 [--reference sft] [--metric accuracy]
+    python -m benchmarks.tables multirun/A [multirun/B ...] [--reference sft] [--metric accuracy]
 
-Reads every `results.json` below the given directories, groups runs by (pair, task, strategy),
-and writes `table.md`, `table.csv` and `summary.json` next to the first directory. Methods
-are compared on matched seeds (same seed = same student init and data order), so the paired
-difference removes the seed-to-seed variance that dominates at CPU scale.
+Reads every `results.json` below the given directories. There is one table per (pair, task,
+metric); its rows are *variants*: a strategy plus every strategy setting that differs from that
+strategy's defaults (`flexkd[score=random]`), plus every other config value that differs between
+the runs of the table (`sft {optim.lr=0.0001}`), so an ablation or a budget change can never
+land in another variant's row. Two runs of one variant and one seed are an error that names
+both directories. Methods are compared on matched seeds (same seed = same student init and data
+order), so the paired difference removes the seed-to-seed variance that dominates at CPU scale.
+Writes `table.md`, `table.csv`, `summary.json` and the plots (benchmarks/plots.py) into the
+first directory.
 """
 
 from __future__ import annotations
@@ -20,17 +25,43 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from flexkd.errors import UserError
 from flexkd.storage import atomic_write_json, atomic_write_text
 
+# Config keys that do not change what a run measures: where it caches or writes, how it logs.
+NEUTRAL_KEYS = {"seed", "cache_dir", "resume", "debug", "output_dir", "save_student", "eval_model",
+                "stage", "trainer.enable_progress_bar", "data.num_workers"}
+# Whole sections: strategy.* is the variant's own part (its settings); the rest is bookkeeping.
+NEUTRAL_ROOTS = {"strategy", "logger", "hydra", "checkpoint"}
+UNSET = "unset"  # shown for a config key that one run of a table has and another lacks
+
+
+class DuplicateRunError(UserError, ValueError):
+    """Two results.json of one variant and one seed: the table would silently keep one of them."""
+
+
+class UnknownReferenceError(UserError, ValueError):
+    """`--reference` names no variant of any table."""
+
+
+# ----------------------------------------------------------------------------- loading
 
 def load_runs(dirs: list[Path]) -> list[dict]:
-    runs = []
+    """Every results.json below `dirs` (each file once, even if two dirs overlap); each run gets
+    `_dir`, its directory, for error messages."""
+    runs, seen = [], set()
     for d in dirs:
         for path in sorted(Path(d).rglob("results.json")):
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
             try:
-                runs.append(json.loads(path.read_text()))
+                run = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 print(f"skipping unreadable {path}: {e}", file=sys.stderr)
+                continue
+            run["_dir"] = str(path.parent)
+            runs.append(run)
     return runs
 
 
@@ -40,10 +71,100 @@ def metric_of(run: dict, metric: str | None, who: str = "student") -> float | No
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def flatten(obj: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1e-4}} -> {"optim.lr": 1e-4}; lists and empty dicts stay values."""
+    out = {}
+    for key, value in obj.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def format_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def settings_label(strategy: str, settings: dict) -> str:
+    if not settings:
+        return strategy
+    return f"{strategy}[{','.join(f'{k}={format_value(v)}' for k, v in sorted(settings.items()))}]"
+
+
+def _neutral(key: str) -> bool:
+    return key in NEUTRAL_KEYS or key.split(".")[0] in NEUTRAL_ROOTS
+
+
+# ----------------------------------------------------------------------------- variants
+
+def strategy_settings(runs: list[dict]) -> list[dict]:
+    """Per run, the strategy settings that make its variant.
+
+    Runs that record `variant` (settings differing from the strategy's defaults) use it. Older
+    runs do not: among them, strategy.* values that differ between runs of one strategy become
+    their settings, so an old ablation still gets its own row instead of merging.
+    """
+    settings: list[dict | None] = [
+        dict(r["variant"].get("settings") or {}) if isinstance(r.get("variant"), dict) else None
+        for r in runs]
+    old = defaultdict(list)
+    for i, r in enumerate(runs):
+        if settings[i] is None:
+            old[r["strategy"]].append(i)
+    for idx in old.values():
+        flat = {i: {k: v for k, v in flatten(runs[i].get("config", {}).get("strategy") or {}).items()
+                    if k != "name"} for i in idx}
+        keys = set().union(*(f.keys() for f in flat.values()))
+        varying = sorted(k for k in keys if len({json.dumps(flat[i].get(k, UNSET)) for i in idx}) > 1)
+        for i in idx:
+            settings[i] = {k: flat[i].get(k, UNSET) for k in varying}
+    return settings
+
+
+def config_differences(runs: list[dict]) -> list[dict]:
+    """Per run, the non-strategy config values that differ between the given runs (one table).
+
+    Runs without a recorded config cannot be compared and get none. A key that merely equals the
+    run's seed everywhere (a seed-derived value) is not a difference between variants.
+    """
+    flat = {i: {k: v for k, v in flatten(r["config"]).items() if not _neutral(k)}
+            for i, r in enumerate(runs) if isinstance(r.get("config"), dict)}
+    keys = set().union(*(f.keys() for f in flat.values())) if flat else set()
+    varying = []
+    for key in sorted(keys):
+        values = {i: f.get(key, UNSET) for i, f in flat.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) < 2:
+            continue
+        if all(v == runs[i].get("seed") for i, v in values.items()):
+            continue
+        varying.append(key)
+    return [{k: flat[i].get(k, UNSET) for k in varying} if i in flat else {} for i in range(len(runs))]
+
+
+def variant_label(strategy_part: str, config: dict) -> str:
+    if not config:
+        return strategy_part
+    return f"{strategy_part} {{{', '.join(f'{k}={format_value(v)}' for k, v in sorted(config.items()))}}}"
+
+
+# ----------------------------------------------------------------------------- statistics
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> list[float]:
+    """t-interval of the mean over seeds; [nan, nan] for fewer than two seeds."""
+    if len(values) < 2:
+        return [math.nan, math.nan]
+    from scipy import stats
+
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * sd / math.sqrt(len(values))
+    return [mean - half, mean + half]
 
 
 def paired_test(a: dict[int, float], b: dict[int, float]) -> dict:
@@ -53,80 +174,188 @@ def paired_test(a: dict[int, float], b: dict[int, float]) -> dict:
     out = {"seeds": seeds, "n": len(diffs), "mean_diff": statistics.fmean(diffs) if diffs else math.nan,
            "ci95": [math.nan, math.nan], "p_value": math.nan}
     if len(diffs) >= 2:
+        mean = out["mean_diff"]
+        if statistics.stdev(diffs) <= 1e-12 * max(1.0, abs(mean)):
+            # Identical differences on every seed: the t statistic is undefined (scipy warns and
+            # returns nan), but the difference is exactly known.
+            out["ci95"], out["p_value"] = [mean, mean], 1.0 if mean == 0 else 0.0
+            return out
         from scipy import stats
 
-        sd = statistics.stdev(diffs)
-        half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-        out["ci95"] = [out["mean_diff"] - half, out["mean_diff"] + half]
-        out["p_value"] = float(stats.ttest_rel(
-            [a[s] for s in seeds], [b[s] for s in seeds]).pvalue) if sd > 0 else (
-            1.0 if out["mean_diff"] == 0 else 0.0)
+        test = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
+        ci = test.confidence_interval(0.95)
+        out["ci95"], out["p_value"] = [float(ci.low), float(ci.high)], float(test.pvalue)
     return out
 
 
-def summarise(runs: list[dict], metric: str | None = None, reference: str | None = None) -> dict:
-    groups: dict[tuple, dict[int, dict]] = defaultdict(dict)
-    for run in runs:
-        groups[(run["pair"], run["task"], run["strategy"])][int(run["seed"])] = run
-    rows = []
-    for (pair, task, strategy), by_seed in sorted(groups.items()):
-        scores = {s: v for s, r in by_seed.items() if (v := metric_of(r, metric)) is not None}
-        teacher = [v for r in by_seed.values() if (v := metric_of(r, metric, "teacher")) is not None]
-        timings = defaultdict(list)
-        for r in by_seed.values():
-            for stage, sec in r.get("timings", {}).items():
-                timings[stage].append(sec)
-        mean, std = mean_std(list(scores.values()))
-        any_run = next(iter(by_seed.values()))
-        rows.append({
-            "pair": pair, "task": task, "strategy": strategy,
-            "metric": metric or any_run.get("main_metric"),
-            "n_seeds": len(scores), "mean": mean, "std": std, "scores": scores,
-            "teacher": statistics.fmean(teacher) if teacher else math.nan,
-            "extra_params": any_run.get("params", {}).get("strategy_extra_trainable"),
-            "seconds": {k: statistics.fmean(v) for k, v in timings.items()},
-        })
-    for row in rows:
-        same = [r for r in rows if (r["pair"], r["task"]) == (row["pair"], row["task"])]
-        ref_name = reference if any(r["strategy"] == reference for r in same) else (
-            "sft" if any(r["strategy"] == "sft" for r in same) else None)
-        ref = next((r for r in same if r["strategy"] == ref_name), None)
-        if ref is not None and ref is not row:
-            row["vs"] = {"reference": ref_name, **paired_test(row["scores"], ref["scores"])}
-    return {"metric": metric, "reference": reference, "rows": rows}
+# ----------------------------------------------------------------------------- summary
 
+def _probe_of(run: dict) -> dict | None:
+    probes = (run.get("probe") or {}).get("probes") or []
+    if not probes or not probes[0].get("spectrum"):
+        return None
+    first = probes[0]
+    return {"seed": run.get("seed"), "spectrum": first["spectrum"], "k": first.get("k"),
+            "effective_dims": first.get("effective_dims") or {}}
+
+
+def _row(key: tuple, runs: list[dict], metric: str | None, label: str, strategy_part: str,
+         settings: dict, config: dict, coords: dict) -> dict:
+    by_seed = {int(r["seed"]): r for r in runs}
+    scores = {s: v for s, r in sorted(by_seed.items()) if (v := metric_of(r, metric)) is not None}
+    teacher = [v for r in runs if (v := metric_of(r, metric, "teacher")) is not None]
+    timings = defaultdict(list)
+    for r in runs:
+        for stage, sec in r.get("timings", {}).items():
+            timings[stage].append(sec)
+    mean, std = mean_std(list(scores.values()))
+    first = by_seed[min(by_seed)]
+    return {
+        "pair": key[0], "task": key[1], "metric": key[2], "variant": label,
+        "strategy": first["strategy"], "strategy_label": strategy_part, "settings": settings,
+        "config": config, "coords": coords,
+        "n_seeds": len(scores), "mean": mean, "std": std, "ci95": mean_ci(list(scores.values())),
+        "scores": scores,
+        "teacher": statistics.fmean(teacher) if teacher else math.nan,
+        "extra_params": first.get("params", {}).get("strategy_extra_trainable"),
+        "seconds": {k: statistics.fmean(v) for k, v in timings.items()},
+        "dirs": [by_seed[s].get("_dir") for s in sorted(by_seed)],
+        "probe": _probe_of(first),
+    }
+
+
+def _coords(runs: list[dict], settings: list[dict], configs: list[dict]) -> list[dict]:
+    """Per run, every dimension a variant can differ in: its settings, filled in from its own
+    config where another run of its strategy set them (a default-beta run sits on a beta sweep
+    at its configured beta), and its config differences."""
+    keys_by_strategy = defaultdict(set)
+    for r, s in zip(runs, settings, strict=True):
+        keys_by_strategy[r["strategy"]].update(s)
+    out = []
+    for r, s, c in zip(runs, settings, configs, strict=True):
+        own = flatten((r.get("config") or {}).get("strategy") or {})
+        coords = {k: s[k] if k in s else own[k] for k in keys_by_strategy[r["strategy"]]
+                  if k in s or k in own}
+        out.append({**coords, **c})
+    return out
+
+
+def find_variant(rows: list[dict], name: str) -> dict | None:
+    """The row labelled `name`, or else the one row whose strategy part is `name`."""
+    exact = [r for r in rows if r["variant"] == name]
+    if exact:
+        return exact[0]
+    loose = [r for r in rows if r["strategy_label"] == name]
+    return loose[0] if len(loose) == 1 else None
+
+
+def summarise(runs: list[dict], metric: str | None = None, reference: str | None = None) -> dict:
+    """Tables per (pair, task, metric) with one row per variant; see the module docstring."""
+    by_table: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_table[(run["pair"], run["task"], metric or run.get("main_metric"))].append(run)
+    tables = []
+    for key, table_runs in sorted(by_table.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        settings = strategy_settings(table_runs)
+        configs = config_differences(table_runs)
+        coords = _coords(table_runs, settings, configs)
+        variants: dict[str, dict] = {}
+        for run, s, c, xy in zip(table_runs, settings, configs, coords, strict=True):
+            recorded = run.get("variant") if isinstance(run.get("variant"), dict) else {}
+            strategy_part = recorded.get("label") or settings_label(run["strategy"], s)
+            label = variant_label(strategy_part, c)
+            identity = json.dumps([run["strategy"], s, c], sort_keys=True, default=str)
+            v = variants.setdefault(identity, {"label": label, "strategy_part": strategy_part,
+                                               "settings": s, "config": c, "coords": xy,
+                                               "by_seed": {}})
+            seed = int(run["seed"])
+            if seed in v["by_seed"]:
+                raise DuplicateRunError(
+                    f"two runs of variant {label!r} with seed {seed} in {key[0]}/{key[1]}: "
+                    f"{v['by_seed'][seed]['_dir']} and {run.get('_dir')}; remove one of them or "
+                    "pass only one of their sweep directories")
+            v["by_seed"][seed] = run
+        rows = [_row(key, list(v["by_seed"].values()), metric, v["label"], v["strategy_part"],
+                     v["settings"], v["config"], v["coords"])
+                for v in sorted(variants.values(), key=lambda v: v["label"])]
+        tables.append(compare(rows, key, reference, sorted(set().union(*map(set, configs)))))
+    if reference is not None and not any(t["reference"] for t in tables):
+        names = sorted({r["variant"] for t in tables for r in t["rows"]})
+        raise UnknownReferenceError(f"--reference {reference!r} is no variant of these runs; "
+                              f"choose one of {names}")
+    return {"metric": metric, "reference": reference, "tables": tables}
+
+
+def compare(rows: list[dict], key: tuple, reference: str | None, varying: list[str]) -> dict:
+    """Paired differences of every row to the table's reference row, and whether each lies
+    within the reference's seed std."""
+    ref = find_variant(rows, reference) if reference is not None else find_variant(rows, "sft")
+    for row in rows:
+        row["vs"] = None
+        if ref is not None and row is not ref:
+            vs = {"reference": ref["variant"], **paired_test(row["scores"], ref["scores"])}
+            spread = ref["std"]
+            vs["within_seed_std"] = (None if math.isnan(spread) or math.isnan(vs["mean_diff"])
+                                     else abs(vs["mean_diff"]) <= spread)
+            row["vs"] = vs
+    flags = [r["vs"]["within_seed_std"] for r in rows if r["vs"]]
+    all_within = bool(flags) and all(f is True for f in flags)
+    note = (f"All differences to {ref['variant']} lie within one seed std of it "
+            f"({_f(ref['std'])}): no variant is distinguishable from it at this budget."
+            if all_within else None)
+    return {"pair": key[0], "task": key[1], "metric": key[2],
+            "reference": ref["variant"] if ref else None, "varying_config": varying,
+            "all_within_seed_std": all_within, "note": note, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- output
 
 def _f(x, digits=4) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| pair | task | strategy | metric | student (mean ± std) | seeds | teacher | "
-             "Δ vs ref [95% CI] | p (paired t) | extra params | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in summary["rows"]:
-        vs = r.get("vs")
-        delta = (f"{_f(vs['mean_diff'])} [{_f(vs['ci95'][0])}, {_f(vs['ci95'][1])}] vs "
-                 f"{vs['reference']}" if vs else "-")
-        lines.append(
-            f"| {r['pair']} | {r['task']} | {r['strategy']} | {r['metric']} | "
-            f"{_f(r['mean'])} ± {_f(r['std'])} | {r['n_seeds']} | {_f(r['teacher'])} | {delta} | "
-            f"{_f(vs['p_value'], 3) if vs else '-'} | {r['extra_params']} | "
-            f"{_f(r['seconds'].get('distill'), 1)} |")
-    return "\n".join(lines)
+    blocks = []
+    for t in summary["tables"]:
+        ref = t["reference"]
+        head = [f"### {t['pair']} / {t['task']}: {t['metric']}" + (f" (reference: {ref})" if ref else "")]
+        if t["varying_config"]:
+            head.append(f"\nConfig that differs between runs: {', '.join(t['varying_config'])}")
+        lines = ["", "| variant | student (mean ± std) | 95% CI | seeds | teacher | "
+                 f"Δ vs {ref or 'ref'} [95% CI] | p (paired t) | within ref std | extra params | "
+                 "train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in t["rows"]:
+            vs = r["vs"]
+            delta = f"{_f(vs['mean_diff'])} [{_f(vs['ci95'][0])}, {_f(vs['ci95'][1])}]" if vs else "-"
+            within = "-" if not vs or vs["within_seed_std"] is None else (
+                "yes" if vs["within_seed_std"] else "no")
+            lines.append(
+                f"| {r['variant']} | {_f(r['mean'])} ± {_f(r['std'])} | "
+                f"[{_f(r['ci95'][0])}, {_f(r['ci95'][1])}] | {r['n_seeds']} | {_f(r['teacher'])} | "
+                f"{delta} | {_f(vs['p_value'], 3) if vs else '-'} | {within} | {r['extra_params']} | "
+                f"{_f(r['seconds'].get('distill'), 1)} |")
+        if t["note"]:
+            lines += ["", t["note"]]
+        blocks.append("\n".join(head + lines))
+    return "\n\n".join(blocks)
 
 
 def to_csv(summary: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["pair", "task", "strategy", "metric", "mean", "std", "n_seeds", "teacher",
-                     "reference", "mean_diff", "ci95_low", "ci95_high", "p_value", "extra_params"])
-    for r in summary["rows"]:
-        vs = r.get("vs") or {}
-        ci = vs.get("ci95", [None, None])
-        writer.writerow([r["pair"], r["task"], r["strategy"], r["metric"], r["mean"], r["std"],
-                         r["n_seeds"], r["teacher"], vs.get("reference"), vs.get("mean_diff"),
-                         ci[0], ci[1], vs.get("p_value"), r["extra_params"]])
+    writer.writerow(["pair", "task", "metric", "variant", "strategy", "settings", "config", "mean",
+                     "std", "n_seeds", "ci95_low", "ci95_high", "teacher", "reference", "mean_diff",
+                     "diff_ci95_low", "diff_ci95_high", "p_value", "within_seed_std", "extra_params"])
+    for t in summary["tables"]:
+        for r in t["rows"]:
+            vs = r["vs"] or {}
+            ci = vs.get("ci95", [None, None])
+            writer.writerow([r["pair"], r["task"], r["metric"], r["variant"], r["strategy"],
+                             json.dumps(r["settings"], sort_keys=True),
+                             json.dumps(r["config"], sort_keys=True), r["mean"], r["std"],
+                             r["n_seeds"], r["ci95"][0], r["ci95"][1], r["teacher"],
+                             vs.get("reference"), vs.get("mean_diff"), ci[0], ci[1],
+                             vs.get("p_value"), vs.get("within_seed_std"), r["extra_params"]])
     return buf.getvalue()
 
 
@@ -134,19 +363,30 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run directories")
     parser.add_argument("--metric", default=None, help="student metric (default: each run's main)")
-    parser.add_argument("--reference", default="sft", help="strategy to compare against")
+    parser.add_argument("--reference", default=None,
+                        help="variant label to compare against, e.g. sft or 'flexkd[score=random]' "
+                             "(default: sft where a table has it)")
+    parser.add_argument("--no-plots", action="store_true", help="write only the table files")
     args = parser.parse_args(argv)
     runs = load_runs(args.dirs)
     if not runs:
         parser.error(f"no results.json found under {', '.join(map(str, args.dirs))}")
-    summary = summarise(runs, args.metric, args.reference)
+    try:
+        summary = summarise(runs, args.metric, args.reference)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     table = markdown(summary)
     out = args.dirs[0]
     atomic_write_text(out / "table.md", table + "\n")
     atomic_write_text(out / "table.csv", to_csv(summary))
+    if not args.no_plots:
+        from benchmarks.plots import plot_files
+
+        summary["plots"] = [p.name for p in plot_files(summary, out)]
     atomic_write_json(out / "summary.json", summary)
     print(table)
-    print(f"\n{len(runs)} runs; table written to {out / 'table.md'} (csv, summary.json beside it)")
+    plots = f" and {len(summary['plots'])} plot files" if summary.get("plots") else ""
+    print(f"\n{len(runs)} runs; table written to {out / 'table.md'} (csv, summary.json{plots} beside it)")
     return summary
 
 

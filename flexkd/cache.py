@@ -19,6 +19,8 @@ what it writes: entries built by the older version then no longer match and are 
 * A `filelock.FileLock` per entry (``<kind>/.<name>.lock``) makes concurrent processes (sweep
   jobs, DDP ranks) build an entry once: the others wait, re-check, and load what it built.
 * A `build` that raises leaves no new entry behind (its temporary folder is removed).
+* `adopt_entry` takes over a finished entry of an older cache layout (writes the manifest
+  for files whose sizes and hashes the old layout recorded) instead of rebuilding it.
 """
 
 from __future__ import annotations
@@ -134,21 +136,40 @@ def get_or_build(root: str | Path, kind: str, key_obj: Any, build: Callable[[Pat
         log.debug("%s: cache hit %s", desc, path)
         return value, EntryInfo(path, key, True, time.perf_counter() - start, info)
 
-    problem = _usable(path, key, full_verify, load)
-    if isinstance(problem, _Loaded):
-        return hit(problem.value)
+    state = _usable(path, key, full_verify, load)
+    if isinstance(state, _Loaded):
+        return hit(state.value)
     with _entry_lock(path, desc):
-        problem = _usable(path, key, full_verify, load)  # another process may have built it
-        if isinstance(problem, _Loaded):
-            return hit(problem.value)
-        if problem == NOT_BUILT:
+        state = _usable(path, key, full_verify, load)  # another process may have built it
+        if isinstance(state, _Loaded):
+            return hit(state.value)
+        if state == NOT_BUILT:
             log.info("%s: building into %s", desc, path)
         else:
-            log.warning("%s at %s is incomplete or damaged (%s); rebuilding it", desc, path, problem)
+            log.warning("%s at %s is incomplete or damaged (%s); rebuilding it", desc, path, state)
         _remove_leftovers(path)
         info = _build(path, kind, key, key_obj, version, build)
     value = load(path)  # a fresh entry that does not load is a bug in build/load: raise
     return value, EntryInfo(path, key, False, time.perf_counter() - start, info)
+
+
+def adopt_entry(root: str | Path, kind: str, key_obj: Any, files: dict[str, dict], *,
+                version: int = 1, name: str | None = None, info: dict | None = None) -> bool:
+    """Take over a finished entry of an older cache layout: write this module's manifest into
+    it, for `files` (``{relpath: {"size", "sha256"}}`` as the old layout recorded them), when
+    every one is present with its size. Returns whether the entry is now usable."""
+    key = entry_key(kind, key_obj, version)
+    path = entry_path(root, kind, name or key)
+    with _entry_lock(path, f"{kind} {path.name}"):
+        if check_entry(path, key) is None:
+            return True  # adopted meanwhile by another process
+        for rel, recorded in files.items():
+            file = path / rel
+            if not file.is_file() or file.stat().st_size != recorded.get("size"):
+                return False
+        _write_manifest(path, kind, key, key_obj, version, files, info or {}, build_seconds=None)
+    log.info("%s %s: adopted an entry of an older cache layout", kind, path.name)
+    return True
 
 
 @dataclass
@@ -204,21 +225,28 @@ def _build(path: Path, kind: str, key: str, key_obj: Any, version: int,
         info.update(build(tmp) or {})
         files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
-        atomic_write_json(tmp / MANIFEST_NAME, {
-            "format": MANIFEST_FORMAT,
-            "kind": kind,
-            "key": key,
-            "version": version,
-            "key_object": key_obj,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "build_seconds": round(time.perf_counter() - start, 1),
-            "total_size": sum(f["size"] for f in files.values()),
-            "files": files,
-            "info": info,
-        })
+        _write_manifest(tmp, kind, key, key_obj, version, files, info,
+                        build_seconds=round(time.perf_counter() - start, 1))
         # mkdtemp/mkstemp create private (0700/0600) entries; a cache may be shared.
         for p in [tmp, *tmp.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
 
     atomic_directory(path, fill)
     return info
+
+
+def _write_manifest(path: Path, kind: str, key: str, key_obj: Any, version: int,
+                    files: dict[str, dict], info: dict, build_seconds: float | None) -> None:
+    atomic_write_json(path / MANIFEST_NAME, {
+        "format": MANIFEST_FORMAT,
+        "kind": kind,
+        "key": key,
+        "version": version,
+        "key_object": key_obj,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "build_seconds": build_seconds,
+        "total_size": sum(f["size"] for f in files.values()),
+        "files": files,
+        "info": info,
+    })
+    (path / MANIFEST_NAME).chmod(0o644)

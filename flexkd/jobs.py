@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from flexkd.errors import UserError
+from flexkd.resolvers import NEUTRAL_KEYS
 from flexkd.storage import atomic_write_json, content_hash
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,16 @@ def write_status(job_dir: Path, status: str, **fields) -> None:
     atomic_write_json(Path(job_dir) / STATUS, record)
 
 
-# Keys that do not change what a job computes (where it caches, how it reports progress).
-NEUTRAL_KEYS = ("cache_dir", "resume", "debug", "output_dir")
-
-
 def config_fingerprint(cfg: DictConfig) -> str:
     """What identifies a job's computation: its resolved config minus the neutral keys."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in NEUTRAL_KEYS:
-        plain.pop(key, None)
-    plain.get("trainer", {}).pop("enable_progress_bar", None)
+        *parents, leaf = key.split(".")
+        node = plain
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return content_hash(plain)
 
 

@@ -7,20 +7,20 @@ it is in neither the optimizer nor any checkpoint.
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from flexkd.errors import NonFiniteLossError
 from flexkd.models import ModelOutputs, TaskModel, transformer_blocks
+from flexkd.step import LiveTeacher, TeacherOutputs, check_finite, distill_terms
 from flexkd.strategies.base import Strategy
 
 
 class DistillationModule(L.LightningModule):
     def __init__(self, student: TaskModel, strategy: Strategy, teacher: TaskModel | None = None,
                  lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-                 trainable_layers: int | None = None):
+                 trainable_layers: int | None = None,
+                 teacher_outputs: TeacherOutputs | None = None):
         super().__init__()
         self.student = student
         self.strategy = strategy
@@ -28,6 +28,9 @@ class DistillationModule(L.LightningModule):
         object.__setattr__(self, "_teacher", teacher)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+        # The single place the teacher is asked for outputs; a store of them may stand in.
+        self.teacher_outputs = teacher_outputs or (LiveTeacher(teacher, strategy)
+                                                   if teacher is not None else None)
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         if trainable_layers is not None:
             freeze_lower_layers(student, trainable_layers)
@@ -36,35 +39,15 @@ class DistillationModule(L.LightningModule):
     def teacher(self) -> TaskModel | None:
         return self._teacher
 
-    # ------------------------------------------------------------------ teacher outputs
-    def teacher_outputs(self, batch: dict) -> ModelOutputs | None:
-        """The single place the teacher is asked for outputs (a cache can stand in here)."""
-        if not self.strategy.needs_teacher:
-            return None
-        request = self.strategy.teacher_request()
-        teacher = self._teacher
-        if next(teacher.parameters()).device != self.device:
-            teacher.to(self.device)
-        teacher.eval()
-        with torch.no_grad():
-            return teacher(batch["teacher"], layers=request.layers)
-
     def student_outputs(self, batch: dict) -> ModelOutputs:
         return self.student(batch["student"], layers=self.strategy.student_layers())
 
     # ------------------------------------------------------------------ steps
-    def on_train_epoch_start(self) -> None:
-        if self._teacher is not None:
-            self._teacher.eval()
-
     def training_step(self, batch, batch_idx):
-        terms = self.strategy.losses(batch, self.teacher_outputs(batch), self.student_outputs(batch))
+        terms = distill_terms(self.strategy, self.student, batch, self.teacher_outputs)
+        check_finite(terms, self.global_step)
         batch_size = batch["index"].numel()
         for name, value in terms.items():
-            if not torch.isfinite(value).all():
-                raise NonFiniteLossError(
-                    f"loss term {name!r} is {value.item()} at step {self.global_step}; the last "
-                    "good checkpoint is kept. Lower the learning rate or this term's weight.")
             self.log(f"train/{name}", value, batch_size=batch_size)
         loss = sum(terms.values())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -83,15 +66,9 @@ class DistillationModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(total * self.warmup_ratio)
-
-        def schedule(step: int) -> float:  # linear warmup, cosine decay to 10%
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(total - warmup, 1)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Linear warmup, then a half cosine from lr down to 10% of lr at the last step.
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, int(total * self.warmup_ratio), total, min_lr_rate=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

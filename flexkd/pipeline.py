@@ -35,7 +35,7 @@ from flexkd.models import (
 from flexkd.reporting import environment, summary_table, write_results
 from flexkd.sources import resolve_source
 from flexkd.storage import default_cache_dir
-from flexkd.strategies import SetupContext, build_strategy
+from flexkd.strategies import SetupContext, build_strategy, variant_of
 from flexkd.teacher import evaluate_teacher, prepare_teacher
 from flexkd.training import autocast, make_trainer, runtime_device
 from flexkd.validation import validate_config
@@ -80,11 +80,6 @@ def load_tokenizers(cfg: DictConfig, resolve):
     return student_tok, (student_tok if same else load_tokenizer(teacher_spec, resolve))
 
 
-def strategy_kwargs(cfg: DictConfig) -> tuple[str, dict]:
-    kwargs = OmegaConf.to_container(cfg.strategy, resolve=True)
-    return kwargs.pop("name"), kwargs
-
-
 @dataclass
 class RunContext:
     """What every stage of one run shares."""
@@ -122,11 +117,14 @@ def run(cfg: DictConfig) -> dict | None:
         task = TaskSpec.from_config(cfg.task, ctx.resolve)
         student_tok, teacher_tok = load_tokenizers(cfg, ctx.resolve)
     with ctx.timings.stage("teacher"):
-        teacher = prepare_teacher(cfg, task, teacher_tok, ctx.cache_dir, ctx.resolve)
+        teacher = prepare_teacher(cfg.pair.teacher, cfg.teacher_finetune, cfg.trainer, task,
+                                  teacher_tok, ctx.cache_dir, ctx.resolve,
+                                  eval_batch_size=cfg.data.eval_batch_size,
+                                  label_words=uses_label_words(cfg.pair))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    name, kwargs = strategy_kwargs(cfg)
-    strategy = build_strategy(name, **kwargs)
+    strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
+    strategy, name = build_strategy(strategy_cfg), strategy_cfg["name"]
     label_words = uses_label_words(cfg.pair)
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
@@ -156,6 +154,7 @@ def run(cfg: DictConfig) -> dict | None:
         "pair": cfg.pair.name,
         "task": task.name,
         "strategy": name,
+        "variant": variant_of(strategy_cfg),
         "seed": int(cfg.seed),
         "main_metric": cfg.task.main_metric,
         "metrics": reports["metrics"],
@@ -197,7 +196,7 @@ def distill(ctx: RunContext, strategy, teacher, student, data, name: str):
     if cfg.resume == "never":
         shutil.rmtree(checkpoints, ignore_errors=True)
     resumed_from = resume_path(checkpoints)
-    trainer = make_trainer(cfg.trainer, ctx.out, logger=loggers, callbacks=[
+    trainer = make_trainer(cfg.trainer, ctx.out, logger=loggers, progress="distill", callbacks=[
         ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps)])
     student.train()  # from_pretrained returns eval mode; dropout belongs to training
     trainer.fit(module, datamodule=data, ckpt_path=resumed_from)

@@ -7,8 +7,9 @@ import sys
 
 from omegaconf import OmegaConf
 
-# Keys that do not change what a run computes; they stay out of its directory name.
-NEUTRAL_KEYS = ("cache_dir", "resume", "debug", "trainer.enable_progress_bar", "hydra.")
+# Keys that do not change what a run computes (where it caches or writes, how it reports
+# progress): they stay out of its directory name and out of its job fingerprint (flexkd.jobs).
+NEUTRAL_KEYS = ("cache_dir", "resume", "debug", "output_dir", "trainer.enable_progress_bar")
 
 
 def command_id() -> str:
@@ -19,7 +20,7 @@ def command_id() -> str:
 
     if "FLEXKD_COMMAND_ID" not in os.environ:
         args = [a for a in sys.argv[1:] if not a.startswith("-")]
-        kept = sorted(a for a in args if not a.lstrip("+~").startswith(NEUTRAL_KEYS))
+        kept = sorted(a for a in args if not a.lstrip("+~").startswith((*NEUTRAL_KEYS, "hydra.")))
         os.environ["FLEXKD_COMMAND_ID"] = content_hash(kept, length=10)
     return os.environ["FLEXKD_COMMAND_ID"]
 

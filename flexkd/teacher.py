@@ -1,7 +1,10 @@
 """Stage 2 of a run: the teacher, fine-tuned on the task when asked, cached by content hash.
 
-A sweep over strategies and seeds therefore fine-tunes and evaluates each (teacher, task)
-once. Every cache entry records its key and is verified on load; a bad entry is rebuilt.
+The fine-tune is the distillation stage without a teacher: the same DistillDataModule, the
+same DistillationModule with the base `Strategy()` (its defaults keep the task loss alone),
+the same `make_trainer`, and the harness metrics of `evaluate_model`, as for the student. The
+result lives in a `flexkd.cache` entry keyed by (teacher spec, task data, fine-tune settings),
+so a sweep over strategies and seeds fine-tunes and evaluates each teacher once.
 """
 
 from __future__ import annotations
@@ -14,18 +17,20 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from flexkd.cache import get_or_build
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.evaluation.evaluate import single_token_label_ids
 from flexkd.evaluation.harness_metrics import evaluate_model
-from flexkd.models import TaskModel, build_model, load_saved_model, save_model, uses_label_words
-from flexkd.storage import atomic_directory, content_hash, file_sha256
+from flexkd.models import TaskModel, build_model, load_saved_model, save_model
+from flexkd.storage import content_hash
 from flexkd.training import autocast, make_trainer, runtime_device
 
 log = logging.getLogger(__name__)
 
-MARKER = "flexkd-cache.json"
-CACHE_VERSION = 1
+CACHE_KIND = "teachers"
+CACHE_VERSION = 2  # 2: flexkd.cache entries
+OPTIM_KEYS = ("lr", "weight_decay", "warmup_ratio", "trainable_layers")
 
 
 @dataclass
@@ -36,113 +41,77 @@ class Teacher:
     info: dict = field(default_factory=dict)
 
 
-def _plain(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
 
-def teacher_key(spec: dict, task: TaskSpec, finetune: dict | None) -> str:
-    return content_hash({"v": CACHE_VERSION, "spec": spec, "task": task.fingerprint(),
-                         "finetune": finetune})
-
-
-def file_manifest(root: Path) -> dict[str, dict]:
-    """Size and sha256 of every file below `root` (the entry's content record)."""
-    return {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER}
-
-
-def _valid_entry(path: Path, key: str) -> bool:
-    """The entry is the one for `key` and every recorded file is there at its recorded size
-    (a cheap check on each load; torn or truncated files fail it)."""
-    try:
-        marker = json.loads((path / MARKER).read_text())
-        files = marker["files"]
-        return marker.get("key") == key and "metrics.json" in files and all(
-            (path / rel).stat().st_size == info["size"] for rel, info in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def finetune_teacher(model: TaskModel, task: TaskSpec, tokenizer, finetune: dict, trainer_cfg,
-                     work_dir: Path, label_words: bool = False) -> None:
-    """Train the teacher on the task with the task loss alone (the `sft` strategy)."""
+def finetune_teacher(model: TaskModel, data: DistillDataModule, finetune: dict, trainer_cfg,
+                     work_dir: Path) -> None:
+    """Train the teacher on the task with the task loss alone: distillation with no teacher."""
     import lightning as L
 
     from flexkd.module import DistillationModule
-    from flexkd.strategies import build_strategy
+    from flexkd.strategies.base import Strategy
 
     L.seed_everything(finetune.get("seed", 0), workers=True, verbose=False)
-    data = DistillDataModule(task, tokenizer, batch_size=finetune["batch_size"],
-                             seed=finetune.get("seed", 0), label_words=label_words)
-    module = DistillationModule(model, build_strategy("sft"), teacher=None, lr=finetune["lr"],
-                                weight_decay=finetune.get("weight_decay", 0.01),
-                                warmup_ratio=finetune.get("warmup_ratio", 0.1),
-                                trainable_layers=finetune.get("trainable_layers"))
-    trainer = make_trainer(trainer_cfg, work_dir, max_steps=finetune["max_steps"],
-                           max_epochs=None, limit_val_batches=0, enable_checkpointing=False,
-                           num_sanity_val_steps=0, val_check_interval=None)
+    module = DistillationModule(model, Strategy(), teacher=None,
+                                **{k: finetune[k] for k in OPTIM_KEYS if k in finetune})
+    trainer = make_trainer(trainer_cfg, work_dir, progress="teacher fine-tune",
+                           max_steps=finetune["max_steps"], max_epochs=None, limit_val_batches=0,
+                           enable_checkpointing=False, num_sanity_val_steps=0,
+                           val_check_interval=None)
     model.train()
-    trainer.fit(module, train_dataloaders=data.train_dataloader())
-    model.requires_grad_(True)
+    trainer.fit(module, datamodule=data)
 
 
-def prepare_teacher(cfg, task: TaskSpec, tokenizer, cache_dir: Path, resolve) -> Teacher:
-    label_words = uses_label_words(cfg.pair)
-    spec = _plain(cfg.pair.teacher) | ({"classify_with": "label_words"} if label_words else {})
-    ft = _plain(cfg.teacher_finetune)
-    finetune = ft if ft.get("enabled") else None
-    key = teacher_key(spec, task, finetune)
-    entry = cache_dir / "teachers" / key
-    start = time.perf_counter()
+def prepare_teacher(spec, finetune, trainer_cfg, task: TaskSpec, tokenizer, cache_dir: Path,
+                    resolve, *, eval_batch_size: int, label_words: bool = False) -> Teacher:
+    """The teacher for `task`: `spec` (pair.teacher) built, fine-tuned per `finetune` (the
+    teacher_finetune section; not when its `enabled` is false) under `trainer_cfg`, and scored
+    on the validation and test splits; from the cache when an entry for these settings exists.
+    `label_words`: a causal teacher classifies by writing the label's name."""
+    spec = _plain(spec) | ({"classify_with": "label_words"} if label_words else {})
+    finetune = _plain(finetune)
+    finetune = finetune if finetune.get("enabled") else None
+    key_obj = {"spec": spec, "task": task.fingerprint(), "finetune": finetune}
 
-    if _valid_entry(entry, key):
-        try:
-            model = (load_saved_model(entry / "model")[0] if finetune is not None else
-                     build_model(spec, task.format, tokenizer, task.label_names, resolve,
-                                 seed=spec.get("init_seed", 0), label_words=label_words))
-            metrics = json.loads((entry / "metrics.json").read_text())
-            log.info("teacher: cache hit %s", entry)
-            return Teacher(model, key, metrics, {"cache_hit": True, "key": key,
-                                                 "path": str(entry),
-                                                 "seconds": time.perf_counter() - start})
-        except Exception as e:  # noqa: BLE001  (any unloadable entry is rebuilt, never trusted)
-            log.warning("teacher cache entry %s does not load (%s: %s)", entry,
-                        type(e).__name__, e)
-    if entry.exists():
-        log.warning("teacher cache entry %s is incomplete or corrupt; rebuilding it", entry)
+    def fresh_model() -> TaskModel:
+        return build_model(spec, task.format, tokenizer, task.label_names, resolve,
+                           seed=spec.get("init_seed", 0), label_words=label_words)
 
-    model = build_model(spec, task.format, tokenizer, task.label_names, resolve,
-                        seed=spec.get("init_seed", 0), label_words=label_words)
-    finetune_seconds = 0.0
-    if finetune is not None:
-        log.info("teacher: fine-tuning %s on %s for %d steps", spec.get("name"), task.name,
-                 finetune["max_steps"])
-        t0 = time.perf_counter()
-        finetune_teacher(model, task, tokenizer, finetune, cfg.trainer, cache_dir / "tmp",
-                         label_words)
-        finetune_seconds = time.perf_counter() - t0
-    eval_data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size,
-                                  label_words=label_words)
-    device = runtime_device(cfg.trainer)
-    label_ids = single_token_label_ids(model, tokenizer, task)
-    with autocast(cfg.trainer, device):
-        metrics = {split: evaluate_model(model.to(device), loader, desc=f"teacher {split}",
-                                         label_ids=label_ids)
-                   for split, loader in (("validation", eval_data.val_dataloader()),
-                                         ("test", eval_data.test_dataloader()))}
-
-    def fill(tmp: Path) -> None:
+    def build(out: Path) -> dict:
+        model = fresh_model()
+        data = DistillDataModule(task, tokenizer, batch_size=(finetune or {}).get("batch_size", 1),
+                                 eval_batch_size=eval_batch_size, seed=(finetune or {}).get("seed", 0),
+                                 label_words=label_words)
+        finetune_seconds = 0.0
         if finetune is not None:
-            save_model(model, tokenizer, tmp / "model")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (tmp / MARKER).write_text(json.dumps({"key": key, "spec": spec, "finetune": finetune,
-                                              "finetune_seconds": finetune_seconds,
-                                              "files": file_manifest(tmp)}, indent=2))
+            log.info("teacher: fine-tuning %s on %s for %d steps", spec.get("name"), task.name,
+                     finetune["max_steps"])
+            start = time.perf_counter()
+            finetune_teacher(model, data, finetune, trainer_cfg, cache_dir / "tmp")
+            finetune_seconds = round(time.perf_counter() - start, 3)
+            save_model(model, tokenizer, out / "model")
+        data.setup()
+        device = runtime_device(trainer_cfg)
+        label_ids = single_token_label_ids(model, tokenizer, task)
+        with autocast(trainer_cfg, device):
+            metrics = {split: evaluate_model(model.to(device), loader, desc=f"teacher {split}",
+                                             label_ids=label_ids)
+                       for split, loader in (("validation", data.val_dataloader()),
+                                             ("test", data.test_dataloader()))}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return {"finetune_seconds": finetune_seconds}
 
-    atomic_directory(entry, fill)
-    return Teacher(model, key, metrics, {"cache_hit": False, "key": key, "path": str(entry),
-                                         "finetune_seconds": finetune_seconds,
-                                         "seconds": time.perf_counter() - start})
+    def load(path: Path) -> tuple[TaskModel, dict]:
+        model = load_saved_model(path / "model")[0] if finetune is not None else fresh_model()
+        return model, json.loads((path / "metrics.json").read_text())
+
+    (model, metrics), entry = get_or_build(cache_dir, CACHE_KIND, key_obj, build, load,
+                                           version=CACHE_VERSION, desc="teacher")
+    log.info("teacher: %s %s", "cache hit" if entry.cache_hit else "built", entry.path)
+    info = entry.as_dict() | ({} if entry.cache_hit else entry.info)  # + this build's seconds
+    return Teacher(model, entry.key, metrics, info)
 
 
 def evaluate_teacher(teacher: Teacher, tokenizer, task: TaskSpec, eval_cfg) -> dict:

@@ -40,14 +40,14 @@ def run_cli(tmp_path, cache_dir):
     """Run `python run.py <overrides>` in a subprocess with output in tmp_path."""
 
     def launch(*overrides: str, multirun: bool = False, fast: bool = True, check: bool = True,
-               timeout: int = 600, name: str = "out") -> RunResult:
+               timeout: int = 600, name: str = "out", env: dict | None = None) -> RunResult:
         out = tmp_path / name
         dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         args = [sys.executable, str(ROOT / "run.py")] + (["-m"] if multirun else [])
         args += (FAST if fast else []) + [f"cache_dir={cache_dir}", f"{dir_key}={out}"]
         args += list(overrides)
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         result = RunResult(proc, out)
         if check and proc.returncode != 0:
             raise AssertionError(f"run.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"

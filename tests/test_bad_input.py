@@ -156,6 +156,11 @@ def _logit_vocab(env: Env):
                  base=("pair=tiny_causal", "task=tiny_instruct"))
 
 
+def _cache_under_a_file(env: Env):
+    (env.tmp / "a_file").write_text("not a folder")
+    env.validate("cache_dir={tmp}/a_file/cache")
+
+
 def _tokenizer_mismatch(env: Env):
     tok = env.tokenizer("no_sep_tokenizer", no_sep=True)
     env.task_dir()
@@ -225,9 +230,12 @@ CASES = [
     config_case("unknown-top-level-key", ["+optimm.lr=0.1"],
                 ["optimm is not a key of the config", "did you mean optim"]),
     config_case("unknown-strategy-name", ["strategy.name=nope"],
-                ["strategy.name='nope'", "not a registered strategy", "cka, flexkd, logit_kd, "
+                ["strategy.name='nope'", "not a strategy config", "cka, flexkd, logit_kd, "
                  "projection, raw, sft"],
-                "a strategy yaml of one's own naming a strategy no code registers"),
+                "the name must be a strategy option (a conf/strategy/*.yaml on Hydra's search path)"),
+    config_case("strategy-target-not-importable", ["strategy._target_=mine.Mirror"],
+                ["strategy._target_='mine.Mirror' cannot be imported", "PYTHONPATH"],
+                "a strategy yaml of one's own whose module is not on PYTHONPATH"),
     config_case("flexkd-key-on-other-strategy", ["strategy=cka", "+strategy.k=16"],
                 ["strategy.k is not a key of strategy 'cka'", "valid keys"]),
     config_case("unknown-logger-name", ["logger.name=foo"],
@@ -235,6 +243,11 @@ CASES = [
     config_case("unknown-trainer-argument", ["+trainer.max_step=5"],
                 ["trainer.max_step", "did you mean trainer.max_steps"]),
     # ------------------------------------------------------------------ config: types, values
+    config_case("seed-negative", ["seed=-1"], ["seed=-1", "must be >= 0"]),
+    Case("cache-dir-cannot-be-created", "config", cli("cache_dir=<tmp>/a_file/cache"),
+         _cache_under_a_file, ConfigError,
+         ("cache_dir='{tmp}/a_file/cache' cannot be created", "is not a folder"),
+         "`<tmp>/a_file` is a regular file"),
     config_case("beta-not-a-number", ["strategy.beta=abc"],
                 ["strategy.beta='abc' is not a number", ">= 0"]),
     config_case("batch-size-not-int", ["data.batch_size=1.5"],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flexkd.cache import MANIFEST_NAME, NOT_BUILT, check_entry, entry_key, get_or_build
+from flexkd.cache import MANIFEST_NAME, NOT_BUILT, adopt_entry, check_entry, entry_key, get_or_build
 from flexkd.storage import content_hash
 
 
@@ -158,6 +158,20 @@ def test_leftovers_of_a_killed_build_are_removed(tmp_path):
     other.mkdir()
     get_or_build(tmp_path, "things", {"x": 1}, _writer([]), _reader)
     assert not stale.exists() and other.exists()
+
+
+def test_adopt_an_entry_of_an_older_layout(tmp_path):
+    calls: list = []
+    _, entry = get_or_build(tmp_path, "things", {"x": 1}, _writer(calls), _reader)
+    files = json.loads((entry.path / MANIFEST_NAME).read_text())["files"]
+    (entry.path / MANIFEST_NAME).unlink()  # what an older layout looks like
+    wrong = {**files, "data.bin": {"size": 99, "sha256": files["data.bin"]["sha256"]}}
+    assert not adopt_entry(tmp_path, "things", {"x": 1}, wrong)
+    assert check_entry(entry.path, entry.key) is not None
+    assert adopt_entry(tmp_path, "things", {"x": 1}, files, info={"from": "old layout"})
+    assert check_entry(entry.path, entry.key, full=True) is None
+    value, hit = get_or_build(tmp_path, "things", {"x": 1}, _writer(calls), _reader)
+    assert hit.cache_hit and hit.info == {"from": "old layout"} and len(calls) == 1
 
 
 def _build_in_process(root: str, barrier, counter: str) -> None:

@@ -47,3 +47,61 @@ def test_label_words_target_is_the_label_token_without_eos(tok):
     assert ids[0] != ids[1] and all(len(i) == 1 for i in ids)
     assert enc.input_ids[-1] == ids[1][0] and enc.labels[-1] == ids[1][0]
     assert enc.labels[:-1] == [IGNORE_INDEX] * (len(enc.input_ids) - 1)
+
+
+# ------------------------------------------------------------------ spans (cross-tokenizer)
+
+NAMES = ["negative", "positive"]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return AutoTokenizer.from_pretrained(fixture_path("tiny_tokenizer_bpe"))
+
+
+def _covered(enc) -> list[str]:
+    return [enc.text[a:b] for a, b in enc.spans if a >= 0]
+
+
+@pytest.mark.parametrize("max_length", [64, 6])
+def test_asking_for_spans_leaves_ids_and_labels_unchanged(tok, bpe, max_length):
+    from flexkd.data.encoding import encode_classification
+
+    row_cls = {"text": "Good film, not bad at all.", "label": 1}
+    row_ins = {"prompt": "reverse: red fox owl", "response": "owl fox red"}
+    for t in (tok, bpe):
+        for encode, row, args in (
+            (encode_classification, row_cls, (NAMES, "x:1")),
+            (encode_label_words, row_cls, (NAMES, "x:1")),
+            (encode_instruction, row_ins, ("x:1",)),
+        ):
+            plain = encode(row, t, max_length, *args)
+            with_spans = encode(row, t, max_length, *args, spans=True)
+            assert plain.spans is None and plain.text is None
+            assert (with_spans.input_ids, with_spans.labels) == (plain.input_ids, plain.labels)
+            assert with_spans.truncated == plain.truncated == (max_length == 6)
+            assert len(with_spans.spans) == len(with_spans.input_ids), encode.__name__
+
+
+def test_instruction_spans_cover_the_response_only(bpe):
+    from flexkd.data.alignment import OUTSIDE, SPECIAL
+
+    enc = encode_instruction({"prompt": "reverse: red fox", "response": "fox red"}, bpe, 64, "x:1",
+                             spans=True)
+    assert enc.text == " fox red"
+    n_prompt = sum(1 for label in enc.labels if label == IGNORE_INDEX)
+    assert enc.spans[:n_prompt] == [OUTSIDE] * n_prompt  # BOS and prompt
+    assert enc.spans[-1] == SPECIAL  # EOS
+    assert _covered(enc) == [" fox", " red"]  # byte-level pieces carry their leading space
+
+
+def test_label_word_spans_continue_after_the_context(tok):
+    from flexkd.data.alignment import SPECIAL
+
+    enc = encode_label_words({"text": "good film", "label": 1}, tok, 32, NAMES, "x:1", spans=True)
+    assert enc.text == "good film\nAnswer: positive"
+    assert enc.spans[0] == SPECIAL  # BOS
+    assert _covered(enc) == ["good", "film", "Answer", ":", "positive"]
+    short = encode_label_words({"text": "good film", "label": 0}, tok, 4, NAMES, "x:1", spans=True)
+    # 4 tokens: BOS, the last two context tokens, the label word
+    assert short.truncated and _covered(short) == ["Answer", ":", "negative"]

@@ -341,7 +341,11 @@ def test_cached_pruned_builds_once_and_keys_on_what_the_ranking_reads(tmp_path):
 def test_a_prune_spec_builds_a_pruned_student_and_validates_from_config_only(tmp_path):
     from flexkd.models import build_model
     from flexkd.pruning import evenly_spaced_layers
-    from flexkd.validation import check_model_spec, model_info
+    from flexkd.model_info import ModelInfo
+    from flexkd.validation import check_model_spec
+
+    def model_info(role, spec, resolve):
+        return ModelInfo.from_spec(role, spec, lambda key, s: resolve(s), "causal_lm")
 
     assert evenly_spaced_layers(30, 6) == [0, 6, 12, 17, 23, 29]
     assert evenly_spaced_layers(3, 2) == [0, 2]
@@ -357,7 +361,7 @@ def test_a_prune_spec_builds_a_pruned_student_and_validates_from_config_only(tmp
     record = json.loads(next((tmp_path / "cache" / "pruned").glob(f"*/{RECORD_FILE}")).read_text())
     assert student.backbone.flexkd_pruning["kept"] == record["kept"]
     assert record["kept"]["layers"] == [0, 2] and record["plan"]["keep_layers"] == [0, 2]
-    with pytest.raises(ConfigError, match="hidden_size=99"):
+    with pytest.raises(ConfigError, match="^pair.student.prune.hidden_size=99"):
         model_info("student", {"name": "s", "prune": {"from": str(source), "hidden_size": 99}},
                    lambda s: s)
     with pytest.raises(ConfigError, match="drop pair.student.path"):

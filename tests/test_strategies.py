@@ -1,14 +1,22 @@
-"""Strategies in isolation: registry, pair checks, parameter counts, degenerate batches."""
+"""Strategies in isolation: configs and their classes, knobs, pair checks, parameter counts,
+degenerate batches."""
+
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from transformers import BertConfig, BertModel
 
 from flexkd.errors import ConfigError
 from flexkd.models import SequenceClassifier
-from flexkd.strategies import STRATEGIES, SetupContext, build_strategy
+from flexkd.step import LiveTeacher, distill_terms
+from flexkd.strategies import SetupContext, Strategy, build_strategy, strategy_class, variant_of
+from flexkd.strategies.base import available_strategies, load_strategy_config
 
-ALL = ["flexkd", "raw", "projection", "cka", "logit_kd", "sft"]
+CONF = Path(__file__).resolve().parents[1] / "conf"
+ALL = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
 
 
 def classifier(hidden, layers=2, seed=0):
@@ -44,22 +52,80 @@ class ProbeData:
 
 def prepared(name, d_teacher=16, d_student=8, **kwargs):
     teacher, student = classifier(d_teacher), classifier(d_student, seed=1)
-    strategy = build_strategy(name, **kwargs)
+    strategy = build_strategy(load_strategy_config(name), **kwargs)
     strategy.setup(SetupContext(teacher=teacher, student=student, datamodule=ProbeData()))
     return strategy, teacher, student
 
 
 def step_losses(strategy, teacher, student, b):
-    request = strategy.teacher_request()
-    t_out = teacher(b["teacher"], layers=request.layers) if strategy.needs_teacher else None
-    s_out = student(b["student"], layers=strategy.student_layers())
-    return strategy.losses(b, t_out, s_out)
+    return distill_terms(strategy, student, b, LiveTeacher(teacher, strategy))
 
 
-def test_every_strategy_is_registered_and_unknown_names_list_them():
-    assert sorted(STRATEGIES) == sorted(ALL)
-    with pytest.raises(ConfigError, match=r"valid strategies: \['cka', 'flexkd'"):
+def test_the_shipped_strategies_are_discovered_and_unknown_names_list_them():
+    assert available_strategies() == ALL
+    assert {"flexkd", "raw", "projection", "cka", "logit_kd", "sft"} <= set(ALL)
+    with pytest.raises(ConfigError, match=r"strategy='flexdk'.*choose one of: cka, flexkd"):
         build_strategy("flexdk")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_yaml_value_equals_its_class_default(name):
+    """One default per knob: a YAML may show a knob, but only with the class's value."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"strategy={name}"])
+    composed = OmegaConf.to_container(cfg.strategy, resolve=True)
+    assert composed["name"] == name
+    cls = strategy_class(composed)
+    defaults = cls.Knobs().model_dump(mode="json")
+    shown = {k: v for k, v in composed.items() if k not in ("_target_", "name")}
+    assert shown, f"{name}.yaml shows no knob"
+    for knob, value in shown.items():
+        assert knob in defaults, f"{name}.yaml: {knob} is not a knob of {cls.__name__}"
+        assert cls.Knobs(**{knob: value}).model_dump(mode="json")[knob] == defaults[knob], (
+            f"{name}.yaml sets {knob}={value}, but {cls.__name__} declares {defaults[knob]}")
+    assert variant_of(composed) == {"strategy": name, "settings": {}, "label": name}
+
+
+def test_flexkd_beta_has_one_default():
+    assert build_strategy("flexkd").beta == 0.5
+    assert strategy_class({"_target_": "flexkd.strategies.flexkd.FlexKD"}).Knobs().beta == 0.5
+
+
+def test_variant_names_the_knobs_that_differ_sorted():
+    cfg = {**load_strategy_config("flexkd"), "score": "random", "beta": 0.1, "alpha": 1.0}
+    assert variant_of(cfg) == {"strategy": "flexkd", "settings": {"beta": 0.1, "score": "random"},
+                               "label": "flexkd[beta=0.1,score=random]"}
+    pairs = variant_of({**load_strategy_config("cka"), "layer_pairs": [[1, 2], [-1, -1]]})
+    assert pairs["label"] == "cka[layer_pairs=[[1,2],[-1,-1]]]"
+
+
+def test_bad_knobs_give_one_line_with_the_declared_range_or_choices():
+    with pytest.raises(ConfigError) as e:
+        build_strategy("flexkd", lam=-1.0)
+    assert str(e.value) == ("strategy.lam=-1.0 is out of range: it must be >= 0 "
+                            "(the off-diagonal weight of the corr loss)")
+    with pytest.raises(ConfigError, match=r"strategy.feature_loss='cor' is not a valid choice "
+                       r"\(did you mean 'corr'\?\); choose one of: corr, corr_diag, mse, cosine"):
+        build_strategy("flexkd", feature_loss="cor")
+    with pytest.raises(ConfigError, match=r"strategy.k is not a key of strategy 'cka'"):
+        build_strategy("cka", k=3)
+    with pytest.raises(ConfigError, match=r"strategy.layer_pairs\[0\]=\[1\] has the wrong length"):
+        build_strategy("sft", layer_pairs=[[1]])
+
+
+def test_target_errors_are_one_line():
+    with pytest.raises(ConfigError, match="strategy._target_ is not set"):
+        strategy_class({"name": "x"})
+    with pytest.raises(ConfigError, match=r"strategy._target_='nowhere.Nope' cannot be imported"):
+        strategy_class({"_target_": "nowhere.Nope"})
+    with pytest.raises(ConfigError, match="is not a subclass of flexkd.strategies.base.Strategy"):
+        strategy_class({"_target_": "torch.nn.Linear"})
+
+
+def test_a_plain_strategy_is_fine_tuning():
+    plain = Strategy()
+    assert (plain.alpha, plain.beta, plain.gamma) == (1.0, 0.0, 0.0)
+    assert not plain.needs_teacher and not plain.needs_teacher_for_config()
 
 
 def test_raw_names_both_widths_and_suggests_alternatives():
@@ -126,3 +192,23 @@ def test_batch_sampler_shards_batches_across_ranks_and_resumes_mid_epoch():
     assert list(sampler) == full[2:]
     sampler.set_epoch(1)
     assert list(sampler) != full and sorted(sum(list(sampler), [])) == list(range(10))
+
+
+def test_readme_knob_table_is_the_generated_one():
+    from flexkd.strategies.knob_table import README, knob_table, readme_section
+
+    table = knob_table()
+    assert readme_section(README.read_text()) == table, (
+        "README.md's knob table is stale; regenerate: python -m flexkd.strategies.knob_table --write")
+    assert "| `beta` | 1.0 (cka, projection, raw); 0.5 (flexkd); 0.0 (logit_kd, sft) | >= 0 |" in table
+    assert "| `score` | grad (flexkd) | grad \\| grad_x_act \\| fisher \\| activation \\| random |" in table
+
+
+def test_a_knob_may_not_shadow_the_interface():
+    from pydantic import Field
+
+    with pytest.raises(TypeError, match=r"knob names \['losses', 'training'\] are taken"):
+        class Bad(Strategy):  # noqa: F841
+            class Knobs(Strategy.Knobs):
+                losses: int = Field(1)
+                training: bool = Field(True)

@@ -1,32 +1,68 @@
-"""Sweep tables: aggregation over seeds and paired statistics against hand-computed values."""
+"""Sweep tables: variants never share a row, paired statistics against hand-computed values, plots."""
 
+import copy
 import json
 import math
 
 import pytest
 
-from benchmarks import tables
+from benchmarks import plots, tables
+
+BASE_CONFIG = {
+    "seed": 0, "cache_dir": "/tmp/cache", "resume": "auto", "output_dir": None,
+    "data": {"batch_size": 32, "eval_batch_size": 64, "num_workers": 0},
+    "optim": {"lr": 5e-4, "weight_decay": 0.01},
+    "teacher_finetune": {"enabled": True, "max_steps": 300, "seed": 0},
+    "trainer": {"max_steps": 150, "enable_progress_bar": True},
+    "logger": {"name": "csv"},
+}
+STRATEGY_DEFAULTS = {
+    "flexkd": {"name": "flexkd", "beta": 0.1, "score": "grad", "feature_loss": "corr"},
+    "sft": {"name": "sft", "beta": 0.0},
+}
 
 
-def write_run(root, idx, strategy, seed, acc, teacher=0.9):
-    d = root / str(idx)
+def write_run(root, name, strategy, seed, acc, teacher=0.9, settings=None, config=None,
+              variant=True, spectrum=None):
+    """One results.json shaped like pipeline.run()'s (the parts tables read)."""
+    d = root / name
     d.mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps({
-        "pair": "p", "task": "t", "strategy": strategy, "seed": seed, "main_metric": "accuracy",
-        "metrics": {"student": {"accuracy": acc}, "teacher": {"accuracy": teacher}},
-        "params": {"strategy_extra_trainable": 0}, "timings": {"distill": 2.0}}))
+    results = {"pair": "p", "task": "t", "strategy": strategy, "seed": seed, "main_metric": "accuracy",
+               "metrics": {"student": {"accuracy": acc}, "teacher": {"accuracy": teacher}},
+               "params": {"strategy_extra_trainable": 0}, "timings": {"distill": 2.0}}
+    if config is not None or settings is not None:
+        cfg = copy.deepcopy(BASE_CONFIG)
+        cfg["seed"] = seed
+        cfg["strategy"] = {**STRATEGY_DEFAULTS[strategy], **(settings or {})}
+        for dotted, value in (config or {}).items():
+            section, key = dotted.split(".")
+            cfg[section][key] = value
+        results["config"] = cfg
+    if variant:
+        settings = settings or {}
+        label = strategy + (f"[{','.join(f'{k}={v}' for k, v in sorted(settings.items()))}]"
+                            if settings else "")
+        results["variant"] = {"strategy": strategy, "settings": settings, "label": label}
+    if spectrum is not None:
+        results["probe"] = {"probes": [{"spectrum": spectrum, "k": 2,
+                                        "effective_dims": {"0.5": 1, "0.9": 3}}]}
+    (d / "results.json").write_text(json.dumps(results))
+    return d
+
+
+def rows_by_variant(summary):
+    (table,) = summary["tables"]
+    return {r["variant"]: r for r in table["rows"]}
 
 
 def test_mean_std_and_paired_difference(tmp_path):
     flex = {0: 0.80, 1: 0.82, 2: 0.84}
     sft = {0: 0.78, 1: 0.81, 2: 0.80}
-    i = 0
     for strategy, scores in (("flexkd", flex), ("sft", sft)):
         for seed, acc in scores.items():
-            write_run(tmp_path, i, strategy, seed, acc)
-            i += 1
-    summary = tables.main([str(tmp_path)])
-    rows = {r["strategy"]: r for r in summary["rows"]}
+            write_run(tmp_path, f"{strategy}{seed}", strategy, seed, acc, variant=False)
+    summary = tables.main([str(tmp_path), "--no-plots"])
+    rows = rows_by_variant(summary)
     assert rows["flexkd"]["mean"] == pytest.approx(0.82)
     assert rows["flexkd"]["std"] == pytest.approx(0.02)
     vs = rows["flexkd"]["vs"]
@@ -35,15 +71,165 @@ def test_mean_std_and_paired_difference(tmp_path):
     assert vs["p_value"] == pytest.approx(0.1181, abs=5e-4)
     half = 4.302653 * 0.0152753 / math.sqrt(3)
     assert vs["ci95"] == pytest.approx([0.07 / 3 - half, 0.07 / 3 + half], abs=1e-5)
-    assert "vs" not in rows["sft"]
+    # The seed t-interval of the flexkd mean: 0.82 +- 4.302653 * 0.02 / sqrt(3)
+    assert rows["flexkd"]["ci95"] == pytest.approx([0.82 - 0.049683, 0.82 + 0.049683], abs=1e-5)
+    # sft's seed std is 0.015275 < 0.02333: the difference is outside the seed spread.
+    assert vs["within_seed_std"] is False and summary["tables"][0]["note"] is None
+    assert rows["sft"]["vs"] is None
     assert (tmp_path / "table.md").exists() and (tmp_path / "table.csv").exists()
 
 
 def test_paired_test_uses_only_matched_seeds():
     out = tables.paired_test({0: 1.0, 1: 2.0, 5: 9.0}, {0: 0.5, 1: 1.0})
     assert out["seeds"] == [0, 1] and out["mean_diff"] == pytest.approx(0.75)
+    # diffs 0.5, 1.0: sd 0.35355, t_0.975(1) = 12.7062 -> half 12.7062 * 0.35355 / sqrt 2 = 3.1766
+    assert out["ci95"] == pytest.approx([0.75 - 3.17655, 0.75 + 3.17655], abs=1e-4)
+
+
+def test_identical_differences_are_exact():
+    out = tables.paired_test({0: 1.5, 1: 2.5}, {0: 1.0, 1: 2.0})
+    assert out["ci95"] == [0.5, 0.5] and out["p_value"] == 0.0
 
 
 def test_no_results_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         tables.main([str(tmp_path)])
+
+
+def mixed_sweep(root):
+    """flexkd score=grad, flexkd score=random and sft on seeds 0, 1."""
+    scores = {"flexkd": {0: 0.80, 1: 0.84}, "flexkd[score=random]": {0: 0.70, 1: 0.76},
+              "sft": {0: 0.75, 1: 0.77}}
+    for label, by_seed in scores.items():
+        strategy = label.split("[")[0]
+        settings = {"score": "random"} if "random" in label else {}
+        for seed, acc in by_seed.items():
+            write_run(root, f"{label}-{seed}", strategy, seed, acc, settings=settings)
+    return scores
+
+
+def test_ablation_variant_gets_its_own_row(tmp_path):
+    mixed_sweep(tmp_path)
+    summary = tables.main([str(tmp_path), "--no-plots"])
+    rows = rows_by_variant(summary)
+    assert sorted(rows) == ["flexkd", "flexkd[score=random]", "sft"]
+    assert rows["flexkd"]["mean"] == pytest.approx(0.82)
+    assert rows["flexkd[score=random]"]["mean"] == pytest.approx(0.73)
+    assert rows["flexkd[score=random]"]["settings"] == {"score": "random"}
+    assert rows["sft"]["mean"] == pytest.approx(0.76)
+    assert all(r["n_seeds"] == 2 for r in rows.values())
+    assert summary["tables"][0]["reference"] == "sft"
+    assert rows["flexkd"]["vs"]["mean_diff"] == pytest.approx(0.06)
+    assert "flexkd[score=random]" in (tmp_path / "table.md").read_text()
+
+
+def test_old_runs_without_variant_split_on_their_strategy_config(tmp_path):
+    for seed, (grad, rand) in enumerate(((0.80, 0.70), (0.84, 0.76))):
+        write_run(tmp_path, f"g{seed}", "flexkd", seed, grad, config={}, variant=False)
+        write_run(tmp_path, f"r{seed}", "flexkd", seed, rand, settings={"score": "random"},
+                  variant=False)
+    rows = rows_by_variant(tables.summarise(tables.load_runs([tmp_path])))
+    assert rows["flexkd[score=grad]"]["mean"] == pytest.approx(0.82)
+    assert rows["flexkd[score=random]"]["mean"] == pytest.approx(0.73)
+
+
+def test_duplicate_run_across_sweeps_names_both_dirs(tmp_path):
+    mixed_sweep(tmp_path / "a")
+    write_run(tmp_path / "b", "again", "flexkd", 1, 0.99, settings={"score": "random"})
+    with pytest.raises(tables.DuplicateRunError):
+        tables.summarise(tables.load_runs([tmp_path / "a", tmp_path / "b"]))
+    with pytest.raises(SystemExit) as err:
+        tables.main([str(tmp_path / "a"), str(tmp_path / "b"), "--no-plots"])
+    message = str(err.value.code)
+    assert str(tmp_path / "a" / "flexkd[score=random]-1") in message
+    assert str(tmp_path / "b" / "again") in message and "flexkd[score=random]" in message
+
+
+def test_two_sweeps_combine_and_overlapping_dirs_count_once(tmp_path):
+    mixed_sweep(tmp_path / "a")
+    write_run(tmp_path / "b", "beta", "flexkd", 0, 0.81, settings={"beta": 1.0})
+    # `a` and its own subdirectory: the same files, not duplicates.
+    summary = tables.main([str(tmp_path / "a"), str(tmp_path / "a" / "sft-0"), str(tmp_path / "b"),
+                           "--no-plots"])
+    rows = rows_by_variant(summary)
+    assert sorted(rows) == ["flexkd", "flexkd[beta=1.0]", "flexkd[score=random]", "sft"]
+
+
+def test_reference_takes_a_variant_label(tmp_path):
+    mixed_sweep(tmp_path)
+    summary = tables.main([str(tmp_path), "--reference", "flexkd[score=random]", "--no-plots"])
+    table = summary["tables"][0]
+    rows = rows_by_variant(summary)
+    assert table["reference"] == "flexkd[score=random]"
+    assert rows["flexkd[score=random]"]["vs"] is None
+    # flexkd - random: 0.10, 0.08 -> 0.09; sft - random: 0.05, 0.01 -> 0.03
+    assert rows["flexkd"]["vs"]["mean_diff"] == pytest.approx(0.09)
+    assert rows["sft"]["vs"]["mean_diff"] == pytest.approx(0.03)
+    assert rows["sft"]["vs"]["reference"] == "flexkd[score=random]"
+    # random's seed std 0.042426: sft's 0.03 lies within it, flexkd's 0.09 does not.
+    assert rows["sft"]["vs"]["within_seed_std"] is True
+    assert rows["flexkd"]["vs"]["within_seed_std"] is False
+    with pytest.raises(SystemExit, match="no variant"):
+        tables.main([str(tmp_path), "--reference", "flexkd[score=fisher]", "--no-plots"])
+
+
+def test_sentence_when_all_differences_lie_within_the_seed_spread(tmp_path):
+    for seed, (flex, sft) in enumerate(((0.80, 0.79), (0.70, 0.72))):
+        write_run(tmp_path, f"f{seed}", "flexkd", seed, flex)
+        write_run(tmp_path, f"s{seed}", "sft", seed, sft)
+    summary = tables.main([str(tmp_path), "--no-plots"])
+    table = summary["tables"][0]
+    assert table["all_within_seed_std"] is True
+    assert "within one seed std" in table["note"]
+    assert table["note"] in (tmp_path / "table.md").read_text()
+
+
+def test_differing_budget_makes_separate_rows(tmp_path):
+    for seed in (0, 1):
+        # A value that follows the run's seed everywhere (seed-derived) is no variant difference.
+        follows = {"teacher_finetune.seed": seed}
+        write_run(tmp_path, f"a{seed}", "sft", seed, 0.70 + seed / 100,
+                  config={"optim.lr": 1e-4, **follows})
+        write_run(tmp_path, f"b{seed}", "sft", seed, 0.80 + seed / 100,
+                  config={"optim.lr": 5e-4, **follows})
+        # Neutral differences (progress bar, cache dir) do not split rows either.
+        write_run(tmp_path, f"c{seed}", "flexkd", seed, 0.90,
+                  config={"optim.lr": 5e-4, "trainer.enable_progress_bar": False, **follows})
+    summary = tables.main([str(tmp_path), "--no-plots"])
+    rows = rows_by_variant(summary)
+    assert sorted(rows) == ["flexkd {optim.lr=0.0005}", "sft {optim.lr=0.0001}", "sft {optim.lr=0.0005}"]
+    assert rows["sft {optim.lr=0.0001}"]["mean"] == pytest.approx(0.705)
+    assert rows["sft {optim.lr=0.0005}"]["config"] == {"optim.lr": 5e-4}
+    assert summary["tables"][0]["varying_config"] == ["optim.lr"]
+
+
+def test_plots_of_a_beta_sweep(tmp_path):
+    spectrum = [4.0, 2.0, 1.0, 0.5, 0.0]
+    for seed in (0, 1):
+        for beta, acc in ((0.01, 0.78), (0.1, 0.80), (1.0, 0.83)):
+            # beta=0.1 is flexkd's default: its variant records no setting, only its config does.
+            settings = {} if beta == 0.1 else {"beta": beta}
+            write_run(tmp_path, f"f{beta}-{seed}", "flexkd", seed, acc + seed / 100,
+                      settings=settings, spectrum=spectrum)
+        write_run(tmp_path, f"s{seed}", "sft", seed, 0.77 + seed / 100, config={})
+    summary = tables.main([str(tmp_path)])
+    table = summary["tables"][0]
+    sweeps = plots.numeric_sweeps(table["rows"])
+    assert list(sweeps) == ["beta"]
+    (series,) = sweeps["beta"]
+    assert series["label"] == "flexkd"
+    assert sorted(x for x, _ in series["points"]) == [0.01, 0.1, 1.0]
+    assert {r["variant"]: r["probe"]["seed"] for r in table["rows"] if r["probe"]} == {
+        "flexkd": 0, "flexkd[beta=0.01]": 0, "flexkd[beta=1.0]": 0}
+    for kind in ("bars", "forest", "spectrum", "sweep-beta"):
+        png, svg = tmp_path / f"p_t_accuracy.{kind}.png", tmp_path / f"p_t_accuracy.{kind}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", kind
+        assert svg.stat().st_size > 0 and b"<svg" in svg.read_bytes()[:2000], kind
+    # summary.json lists exactly the plot files written (what a W&B logger would log).
+    expected = sorted(f"p_t_accuracy.{k}.{fmt}" for k in ("bars", "forest", "spectrum", "sweep-beta")
+                      for fmt in ("png", "svg"))
+    assert sorted(json.loads((tmp_path / "summary.json").read_text())["plots"]) == expected
+    assert sorted(p.name for p in tmp_path.glob("*.??g")) == expected
+    # A logger may plot from summary.json (seed keys become strings there): the same sweep.
+    reloaded = json.loads((tmp_path / "summary.json").read_text())["tables"][0]["rows"]
+    assert sorted(x for x, _ in plots.numeric_sweeps(reloaded)["beta"][0]["points"]) == [0.01, 0.1, 1.0]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from flexkd.cache import MANIFEST_NAME
 from flexkd.data.tasks import TaskSpec
 from flexkd.models import load_tokenizer
 from flexkd.sources import resolve_source
@@ -23,15 +24,24 @@ def setup(tmp_path):
     return cfg, task, tok
 
 
+def prepare(cfg, task, tok, cache_dir):
+    return prepare_teacher(cfg.pair.teacher, cfg.teacher_finetune, cfg.trainer, task, tok,
+                           cache_dir, resolve_source, eval_batch_size=cfg.data.eval_batch_size)
+
+
 def weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_second_call_hits_the_cache_with_identical_weights(tmp_path):
+def test_second_call_hits_the_cache_with_identical_weights(tmp_path, caplog):
     cfg, task, tok = setup(tmp_path)
-    first = prepare_teacher(cfg, task, tok, tmp_path, resolve_source)
-    second = prepare_teacher(cfg, task, tok, tmp_path, resolve_source)
+    with caplog.at_level(logging.INFO, logger="flexkd.training"):
+        first = prepare(cfg, task, tok, tmp_path)
+    # Progress reaches the log (not only a terminal's progress bar): 5 steps, one line each.
+    assert "teacher fine-tune: step 5/5, loss " in caplog.text
+    second = prepare(cfg, task, tok, tmp_path)
     assert not first.info["cache_hit"] and second.info["cache_hit"]
+    assert first.info["finetune_seconds"] > 0 and "finetune_seconds" not in second.info
     assert first.fingerprint == second.fingerprint
     w1, w2 = weights(first.model), weights(second.model)
     assert w1.keys() == w2.keys() and all((w1[k] == w2[k]).all() for k in w1)
@@ -40,14 +50,14 @@ def test_second_call_hits_the_cache_with_identical_weights(tmp_path):
 
 def test_truncated_or_missing_files_are_detected_and_rebuilt(tmp_path, caplog):
     cfg, task, tok = setup(tmp_path)
-    entry = Path(prepare_teacher(cfg, task, tok, tmp_path, resolve_source).info["path"])
+    entry = Path(prepare(cfg, task, tok, tmp_path).info["path"])
     weights_file = next(entry.glob("model/*.safetensors"))
     weights_file.write_bytes(weights_file.read_bytes()[:100])  # a torn write
-    with caplog.at_level(logging.WARNING, logger="flexkd.teacher"):
-        rebuilt = prepare_teacher(cfg, task, tok, tmp_path, resolve_source)
+    with caplog.at_level(logging.WARNING, logger="flexkd.cache"):
+        rebuilt = prepare(cfg, task, tok, tmp_path)
     assert not rebuilt.info["cache_hit"]
-    assert "incomplete or corrupt" in caplog.text
-    assert prepare_teacher(cfg, task, tok, tmp_path, resolve_source).info["cache_hit"]
+    assert f"{weights_file.name} has 100 bytes" in caplog.text and "rebuilding it" in caplog.text
+    assert prepare(cfg, task, tok, tmp_path).info["cache_hit"]
 
-    (entry / "flexkd-cache.json").unlink()  # interrupted before the marker was written
-    assert not prepare_teacher(cfg, task, tok, tmp_path, resolve_source).info["cache_hit"]
+    (entry / MANIFEST_NAME).unlink()  # interrupted before the manifest was written
+    assert not prepare(cfg, task, tok, tmp_path).info["cache_hit"]

@@ -7,6 +7,7 @@ asset and the per-asset lock (so DDP ranks and sweep jobs build it once) all com
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,11 +18,12 @@ from flexkd.assets.archive import progress_bar
 from flexkd.assets.datasets import build_bbc_headline, build_bbc_topic, build_imdb, build_rt_polarity
 from flexkd.assets.models import build_minilm, build_mpnet, build_smollm2
 from flexkd.assets.wheels import ensure_wheel
-from flexkd.cache import check_entry, entry_key, get_or_build
+from flexkd.cache import MANIFEST_NAME, adopt_entry, check_entry, entry_key, get_or_build
 from flexkd.storage import default_cache_dir, file_sha256
 
 ASSET_PREFIX = "asset:"
 CACHE_KIND = "assets"
+LEGACY_MANIFEST = "flexkd-asset.json"  # assets built before flexkd.cache
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,30 @@ def wheel_dir(cache_dir: str | Path | None = None) -> Path:
     return _cache_root(cache_dir) / "wheels"
 
 
+def _adopt_legacy(spec: AssetSpec, cache_dir: str | Path | None) -> None:
+    """Keep an asset built before flexkd.cache (same wheels, same builder version: the same
+    bytes) instead of rebuilding it: its old manifest's files become the entry's manifest."""
+    path = asset_path(spec.name, cache_dir)
+    if (path / MANIFEST_NAME).exists() or not (path / LEGACY_MANIFEST).is_file():
+        return
+    try:
+        old = json.loads((path / LEGACY_MANIFEST).read_text(encoding="utf-8"))
+        same = (old["name"], old["manifest_format"], old["builder_version"],
+                old["source_wheels"]) == (spec.name, 1, spec.version, list(spec.wheels))
+        files, info = dict(old["files"]), {**old["info"], "wheel_files": old["wheel_files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if same:
+        adopt_entry(_cache_root(cache_dir), CACHE_KIND, spec.key_object(), files,
+                    version=spec.version, name=spec.name,
+                    info={"asset_kind": spec.kind, "description": spec.description,
+                          "license": spec.license, **info})
+
+
 def problem(name: str, cache_dir: str | Path | None = None, full: bool = False) -> str | None:
     """Why asset `name` is not usable (`flexkd.cache.NOT_BUILT` if absent), or None if it is."""
     spec = _spec(name)
+    _adopt_legacy(spec, cache_dir)
     return check_entry(asset_path(name, cache_dir), entry_key(CACHE_KIND, spec.key_object(),
                                                               spec.version), full=full)
 
@@ -126,6 +149,7 @@ def materialize(name: str, cache_dir: str | Path | None = None, *,
     warning. `progress`: show tqdm bars (default: when stderr is a terminal).
     """
     spec = _spec(name)
+    _adopt_legacy(spec, cache_dir)
     show = sys.stderr.isatty() if progress is None else progress
 
     def build(out: Path) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""The LightningDataModule: each model gets its own tokenizer's ids, padded per side."""
+"""The LightningDataModule: each model gets its own tokenizer's ids, padded per side. When the two
+tokenizers differ, every example also carries its character-span alignment (flexkd.data.alignment)
+and batches carry the group ids under "alignment"."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ import logging
 
 import lightning as L
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
+from flexkd.data.alignment import AlignmentError, AlignmentStats, align_spans, collate_alignment
 from flexkd.data.encoding import (
     encode_classification,
     encode_instruction,
@@ -16,29 +20,25 @@ from flexkd.data.encoding import (
 from flexkd.data.jsonl import read_jsonl
 from flexkd.data.sampling import ResumableBatchSampler
 from flexkd.data.tasks import SPLITS, TaskSpec
-from flexkd.errors import ConfigError
 from flexkd.models import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = {"classification": ("text", "label"), "instruction": ("prompt", "response")}
 
-
-class TokenizerMismatchError(ConfigError):
-    """Teacher and student tokenizers do not give position-aligned sequences."""
+# The old name of the tokenizer-mismatch error; check_alignment raises it (a ConfigError).
+TokenizerMismatchError = AlignmentError
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
+    return pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True,
+                        padding_value=value)
 
 
 def collate_side(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
     ids = _pad([e.input_ids for e in examples], pad_id)
-    mask = _pad([[1] * len(e.input_ids) for e in examples], 0)
+    mask = pad_sequence([torch.ones(len(e.input_ids), dtype=torch.long) for e in examples],
+                        batch_first=True, padding_value=0)
     if isinstance(examples[0].labels, int):
         labels = torch.tensor([e.labels for e in examples], dtype=torch.long)
     else:
@@ -49,7 +49,9 @@ def collate_side(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
 class DistillDataModule(L.LightningDataModule):
     """Batches are {"student": side, "teacher": side, "index": (B,)}; a side holds
     input_ids, attention_mask and labels. With one shared tokenizer both sides are the same
-    tensors."""
+    tensors. With two tokenizers a batch also holds "alignment": {"student": (B, Ls),
+    "teacher": (B, Lt) group ids (-1 = none), "n_groups": G} - or None when a tokenizer has no
+    offset mapping (not fast), which only token-comparing strategies refuse."""
 
     def __init__(self, task: TaskSpec, student_tokenizer, teacher_tokenizer=None,
                  batch_size: int = 16, eval_batch_size: int | None = None, seed: int = 0,
@@ -59,6 +61,8 @@ class DistillDataModule(L.LightningDataModule):
         self.tokenizers = {"student": student_tokenizer,
                            "teacher": teacher_tokenizer or student_tokenizer}
         self.shared = teacher_tokenizer is None or teacher_tokenizer is student_tokenizer
+        # Alignment needs offsets, which only fast tokenizers report.
+        self.alignable = not self.shared and all(t.is_fast for t in self.tokenizers.values())
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.seed = seed
@@ -68,34 +72,36 @@ class DistillDataModule(L.LightningDataModule):
 
     # -------------------------------------------------------------- encoding
     def _encode(self, row: dict, tokenizer, where: str):
+        spans = self.alignable
         if self.label_words:
             return encode_label_words(row, tokenizer, self.task.max_length,
-                                      self.task.label_names, where)
+                                      self.task.label_names, where, spans=spans)
         if self.task.format == "classification":
             return encode_classification(row, tokenizer, self.task.max_length,
-                                         self.task.label_names, where)
+                                         self.task.label_names, where, spans=spans)
         return encode_instruction(row, tokenizer, self.task.max_length, where,
-                                  self.task.max_prompt_words)
+                                  self.task.max_prompt_words, spans=spans)
+
+    def _example(self, i: int, row: dict, where: str) -> dict:
+        ex = {"index": i, "where": where}
+        for side in ("student",) if self.shared else ("student", "teacher"):
+            ex[side] = self._encode(row, self.tokenizers[side], where)
+        ex.setdefault("teacher", ex["student"])
+        if self.alignable:
+            ex["alignment"] = align_spans(ex["student"].spans, ex["teacher"].spans,
+                                          ex["student"].text)
+        return ex
+
+    def _rows(self, split: str) -> list[dict]:
+        rows = read_jsonl(self.task.split_path(split), REQUIRED_FIELDS[self.task.format])
+        limit = self.task.max_examples.get(split)
+        return rows[:limit] if limit else rows
 
     def _load_split(self, split: str) -> list[dict]:
         path = self.task.split_path(split)
-        rows = read_jsonl(path, REQUIRED_FIELDS[self.task.format])
-        limit = self.task.max_examples.get(split)
-        rows = rows[:limit] if limit else rows
         examples, truncated = [], 0
-        for i, row in enumerate(rows):
-            where = f"{path}:{row['_line']}"
-            ex = {"index": i}
-            for side in ("student",) if self.shared else ("student", "teacher"):
-                ex[side] = self._encode(row, self.tokenizers[side], where)
-            ex.setdefault("teacher", ex["student"])
-            if len(ex["teacher"].input_ids) != len(ex["student"].input_ids):
-                raise TokenizerMismatchError(
-                    f"{where}: the teacher's tokenizer gives {len(ex['teacher'].input_ids)} tokens "
-                    f"and the student's {len(ex['student'].input_ids)}; token-level feature "
-                    "distillation needs position-aligned tokenizers. Use a pair whose tokenizers "
-                    "align, or a strategy without token features (sft, logit_kd on a shared vocab)."
-                )
+        for i, row in enumerate(self._rows(split)):
+            ex = self._example(i, row, f"{path}:{row['_line']}")
             truncated += ex["student"].truncated
             examples.append(ex)
         if truncated:
@@ -108,6 +114,26 @@ class DistillDataModule(L.LightningDataModule):
             if split not in self.splits:
                 self.splits[split] = self._load_split(split)
 
+    # -------------------------------------------------------------- alignment
+    def alignment_sample(self, examples: int = 64, split: str = "train") -> list[dict]:
+        """The first `examples` examples of `split`, encoded and aligned, without loading the
+        rest (for pre-flight `check_alignment`). Needs two different, fast tokenizers."""
+        if not self.alignable:
+            return []
+        path = self.task.split_path(split)
+        return [self._example(i, row, f"{path}:{row['_line']}")
+                for i, row in enumerate(self._rows(split)[:examples])]
+
+    def alignment_stats(self, split: str = "train") -> AlignmentStats | None:
+        """Alignment statistics over a split (None with one shared or a slow tokenizer)."""
+        if not self.alignable:
+            return None
+        self.setup()
+        stats = AlignmentStats()
+        for ex in self.splits[split]:
+            stats.add(ex["alignment"])
+        return stats
+
     # -------------------------------------------------------------- loaders
     def collate(self, examples: list[dict]) -> dict:
         student = collate_side([e["student"] for e in examples],
@@ -115,7 +141,11 @@ class DistillDataModule(L.LightningDataModule):
         teacher = student if self.shared else collate_side(
             [e["teacher"] for e in examples], self.tokenizers["teacher"].pad_token_id)
         index = torch.tensor([e["index"] for e in examples], dtype=torch.long)
-        return {"student": student, "teacher": teacher, "index": index}
+        batch = {"student": student, "teacher": teacher, "index": index}
+        if not self.shared:
+            batch["alignment"] = (collate_alignment([e["alignment"] for e in examples])
+                                  if self.alignable else None)
+        return batch
 
     def _loader(self, split: str, shuffle: bool, batch_size: int, limit: int | None = None):
         self.setup()

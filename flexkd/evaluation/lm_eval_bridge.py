@@ -57,7 +57,6 @@ import copy
 import functools
 import logging
 import os
-import random
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +72,10 @@ from flexkd.offline import set_offline_defaults
 
 # Must happen before lm_eval / datasets / huggingface_hub read their configuration.
 set_offline_defaults()
+
+# At import, not in _preserve_state: importing lightning draws from the global RNGs (and loads
+# huggingface_hub, hence after the offline defaults).
+from lightning.pytorch.utilities.seed import isolate_rng  # noqa: E402
 
 __all__ = [
     "LmEvalSettings",
@@ -276,24 +279,16 @@ def _quiet_lm_eval():
 @contextlib.contextmanager
 def _preserve_state(model):
     """Restore per-module train/eval flags and the global RNGs that simple_evaluate reseeds."""
-    import numpy as np
     import torch
 
     modes = [(module, module.training) for module in model.modules()]
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        yield
+        # Python, numpy, torch (and CUDA when in use: asking for it would initialise it).
+        with isolate_rng(include_cuda=torch.cuda.is_initialized()):
+            yield
     finally:
         for module, training in modes:
             module.training = training
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
 
 
 @dataclass(frozen=True)

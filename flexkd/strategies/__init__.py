@@ -1,6 +1,13 @@
-"""Importing this package registers every strategy."""
+"""Strategies: the interface, and how a config (`_target_` + knobs) builds one."""
 
-from flexkd.strategies import features, flexkd, logits  # noqa: F401  (registration)
-from flexkd.strategies.base import STRATEGIES, SetupContext, Strategy, build_strategy
+from flexkd.strategies.base import (
+    SetupContext,
+    Strategy,
+    available_strategies,
+    build_strategy,
+    strategy_class,
+    variant_of,
+)
 
-__all__ = ["STRATEGIES", "SetupContext", "Strategy", "build_strategy"]
+__all__ = ["SetupContext", "Strategy", "available_strategies", "build_strategy", "strategy_class",
+           "variant_of"]

@@ -9,10 +9,16 @@ from torch import nn
 
 from flexkd import losses
 from flexkd.errors import ConfigError
-from flexkd.strategies.base import SetupContext, Strategy, paired_tokens, register
+from flexkd.model_info import ModelInfo
+from flexkd.strategies.base import FeatureWeight, SetupContext, Strategy, paired_tokens
 
 
 class FeatureStrategy(Strategy, abc.ABC):
+    """A strategy with a feature term: beta * mean over layer pairs of `pair_loss`."""
+
+    class Knobs(Strategy.Knobs):
+        beta: FeatureWeight = 1.0
+
     @property
     def uses_features(self) -> bool:
         return True
@@ -28,36 +34,35 @@ class FeatureStrategy(Strategy, abc.ABC):
         return {"feature": total / len(self.resolved_pairs)}
 
 
-@register("raw")
 class RawFeatures(FeatureStrategy):
     """MSE between full hidden states of paired layers; needs d_S == d_T."""
 
-    def __init__(self, beta: float = 1.0, **kwargs):
-        super().__init__(beta=beta, **kwargs)
+    name = "raw"
 
-    def setup(self, ctx: SetupContext) -> None:
-        d_s, d_t = ctx.student.hidden_size, ctx.teacher.hidden_size
-        if d_s != d_t:
+    def check_pair(self, student: ModelInfo, teacher: ModelInfo) -> None:
+        d_s, d_t = student.width, teacher.width
+        if None not in (d_s, d_t) and d_s != d_t:
             raise ConfigError(
-                f"strategy=raw needs equal widths, but the student has d_S={d_s} and the teacher "
-                f"d_T={d_t}; use strategy=projection (learned Linear d_S->d_T) or strategy=flexkd "
-                "(parameter-free selection of d_S teacher dims)."
-            )
-        super().setup(ctx)
+                f"strategy={self.name} needs equal widths, but the student {student.name} has "
+                f"d_S={d_s} and the teacher {teacher.name} d_T={d_t}; use strategy=projection "
+                "(learned Linear d_S->d_T) or strategy=flexkd (parameter-free selection of d_S "
+                "teacher dims).")
+        super().check_pair(student, teacher)
 
     def pair_loss(self, student_rows, teacher_rows, index):
         return losses.mse(student_rows, teacher_rows)
 
 
-@register("projection")
 class Projection(FeatureStrategy):
     """Learned Linear(d_S -> d_T) on the student state, MSE to the full teacher state.
 
     The projector trains with the student and is not part of the exported student.
     """
 
-    def __init__(self, beta: float = 1.0, **kwargs):
-        super().__init__(beta=beta, **kwargs)
+    name = "projection"
+
+    def __init__(self, **knobs):
+        super().__init__(**knobs)
         self.projectors = nn.ModuleList()
 
     def setup(self, ctx: SetupContext) -> None:
@@ -71,12 +76,10 @@ class Projection(FeatureStrategy):
         return losses.mse(projector(student_rows.to(projector.weight.dtype)), teacher_rows)
 
 
-@register("cka")
 class CKA(FeatureStrategy):
     """1 - linear CKA between student and teacher token features (any widths)."""
 
-    def __init__(self, beta: float = 1.0, **kwargs):
-        super().__init__(beta=beta, **kwargs)
+    name = "cka"
 
     def pair_loss(self, student_rows, teacher_rows, index):
         return losses.cka_loss(student_rows, teacher_rows)

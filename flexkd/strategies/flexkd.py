@@ -8,13 +8,16 @@ with a correlation loss. No trainable parameters are added.
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from flexkd import losses
 from flexkd.errors import ConfigError
-from flexkd.importance import ProbeConfig, cached_probe
-from flexkd.strategies.base import SetupContext, register
+from flexkd.importance import SCORES, SELECTIONS, TARGETS, ProbeConfig, cached_probe
+from flexkd.model_info import ModelInfo
+from flexkd.strategies.base import FeatureWeight, SetupContext
 from flexkd.strategies.features import FeatureStrategy
 
 log = logging.getLogger(__name__)
@@ -22,32 +25,41 @@ log = logging.getLogger(__name__)
 FEATURE_LOSSES = ("corr", "corr_diag", "mse", "cosine")
 
 
-@register("flexkd")
 class FlexKD(FeatureStrategy):
-    def __init__(self, beta: float = 0.1, score: str = "grad", selection: str = "coordinates",
-                 target: str = "gold", k: int | None = None, feature_loss: str = "corr",
-                 lam: float = 5e-3, reduction: str = "mean", probe_examples: int = 1024,
-                 probe_batch_size: int = 16, **kwargs):
-        super().__init__(beta=beta, **kwargs)
-        if feature_loss not in FEATURE_LOSSES:
-            raise ConfigError(f"strategy.feature_loss={feature_loss!r}; choose one of {FEATURE_LOSSES}")
-        if reduction not in ("mean", "sum"):
-            raise ConfigError(f"strategy.reduction={reduction!r}; choose mean or sum")
-        if k is not None and k < 1:
-            raise ConfigError(f"strategy.k must be >= 1 (or null for the student width), got {k}")
-        if lam < 0:
-            raise ConfigError(f"strategy.lam must be >= 0, got {lam}")
-        self.score, self.selection_kind, self.target = score, selection, target
-        self.k, self.feature_loss, self.lam, self.reduction = k, feature_loss, lam, reduction
-        self.probe_examples, self.probe_batch_size = probe_examples, probe_batch_size
+    name = "flexkd"
+
+    class Knobs(FeatureStrategy.Knobs):
+        # corr 'mean' starts near 1.0, below a typical task CE; 0.5 is what the measured runs used.
+        beta: FeatureWeight = 0.5
+        score: Literal[SCORES] = Field("grad", description="the importance score of teacher dims")
+        selection: Literal[SELECTIONS] = Field(
+            "coordinates", description="what the probe keeps (directions: task-tangent eigenvectors)")
+        target: Literal[TARGETS] = Field("gold", description="the probe's target (predicted: the "
+                                         "teacher's argmax)")
+        k: int | None = Field(None, ge=1, description="teacher dims to keep; null: the student width")
+        feature_loss: Literal[FEATURE_LOSSES] = Field("corr", description="the feature loss")
+        lam: float = Field(5e-3, ge=0, description="the off-diagonal weight of the corr loss")
+        reduction: Literal["mean", "sum"] = Field("mean", description="how the feature loss is "
+                                                  "reduced (mean: divide by k)")
+        probe_examples: int = Field(1024, ge=2, description="probe examples, split in two halves "
+                                    "for stability")
+        probe_batch_size: int = Field(16, ge=1, description="probe batch size")
+
+    def __init__(self, **knobs):
+        super().__init__(**knobs)
         self.probes: list[dict] = []
+
+    def check_pair(self, student: ModelInfo, teacher: ModelInfo) -> None:
+        if self.k is not None and student.width is not None and self.k > student.width:
+            raise ConfigError(f"strategy.k={self.k} exceeds the student width d_S={student.width} "
+                              f"(student {student.name}); use k <= {student.width}, or k=null for "
+                              "the student width")
+        super().check_pair(student, teacher)
 
     def setup(self, ctx: SetupContext) -> None:
         super().setup(ctx)
         d_s, d_t = ctx.student.hidden_size, ctx.teacher.hidden_size
         k = self.k or d_s
-        if k > d_s:
-            raise ConfigError(f"strategy.k={k} exceeds the student width d_S={d_s}")
         if k > d_t:
             log.warning("k=%d >= teacher width d_T=%d: keeping all %d teacher dims; student dims "
                         "beyond %d are not constrained", k, d_t, d_t, d_t)
@@ -56,7 +68,7 @@ class FlexKD(FeatureStrategy):
         loader = ctx.datamodule.probe_dataloader(self.probe_examples, self.probe_batch_size)
         self.probes = []
         for i, (_, t_layer) in enumerate(self.resolved_pairs):
-            cfg = ProbeConfig(layer=t_layer, score=self.score, selection=self.selection_kind,
+            cfg = ProbeConfig(layer=t_layer, score=self.score, selection=self.selection,
                               target=self.target, k=k, examples=self.probe_examples,
                               batch_size=self.probe_batch_size, seed=ctx.seed)
             result = cached_probe(ctx.teacher, loader, cfg, ctx.cache_dir, ctx.teacher_fingerprint,

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from flexkd.strategies.base import Strategy, register
+from flexkd.strategies.base import LogitWeight, Strategy
 
 
-@register("sft")
 class SFT(Strategy):
     """L_task only (gamma defaults to 0; the config may still add a logit term)."""
 
+    name = "sft"
 
-@register("logit_kd")
+
 class LogitKD(Strategy):
     """L_task + gamma * KL(teacher || student) at temperature T, T^2-scaled."""
 
-    def __init__(self, gamma: float = 1.0, **kwargs):
-        super().__init__(gamma=gamma, **kwargs)
+    name = "logit_kd"
+
+    class Knobs(Strategy.Knobs):
+        gamma: LogitWeight = 1.0

@@ -1,0 +1,210 @@
+"""Plots of a sweep summary (benchmarks.tables), written as PNG and SVG beside table.md.
+
+Per table: the variants as bars with the 95% t-interval over seeds; a forest plot of the paired
+differences to the reference; the probe's sorted score spectrum with k_p marked; and for every
+sweep over one numeric setting (beta, optim.lr, task.max_train_examples...) mean vs value with a
+95% band. `plot_files(summary, out_dir)` is the one entry point (a W&B logger can log the files).
+
+Figures are built with matplotlib's object API (no pyplot), so plotting never touches a global
+backend or figure registry: safe inside a training process and in tests, no display needed.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from flexkd.storage import atomic_write_bytes
+
+FORMATS = ("png", "svg")
+
+
+def plot_files(summary: dict, out_dir: str | Path) -> list[Path]:
+    """Write every plot of `summary` into `out_dir`; returns the files written (PNG and SVG)."""
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for table in summary["tables"]:
+        stem = out_dir / _slug(f"{table['pair']}_{table['task']}_{table['metric']}")
+        written += _save(bars(table), f"{stem}.bars")
+        if any(r.get("vs") for r in table["rows"]):
+            written += _save(forest(table), f"{stem}.forest")
+        if any(r.get("probe") for r in table["rows"]):
+            written += _save(spectra(table), f"{stem}.spectrum")
+        for dim, series in numeric_sweeps(table["rows"]).items():
+            written += _save(sweep(table, dim, series), f"{stem}.sweep-{_slug(dim)}")
+    return written
+
+
+# ----------------------------------------------------------------------------- figures
+
+def bars(table: dict) -> Figure:
+    rows = table["rows"]
+    fig = Figure(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.6))
+    ax = fig.add_subplot()
+    x = range(len(rows))
+    means = [r["mean"] for r in rows]
+    ax.bar(x, means, color="#8fb3d9", edgecolor="#34618f")
+    for i, r in enumerate(rows):
+        lo, hi = r["ci95"]
+        if _finite(lo, hi):  # one seed: no interval to draw
+            ax.errorbar(i, r["mean"], yerr=[[r["mean"] - lo], [hi - r["mean"]]], color="black", capsize=4)
+        seeds = list(r["scores"].values())
+        ax.scatter([i] * len(seeds), seeds, s=10, color="black", zorder=3)
+    teacher = [r["teacher"] for r in rows if _finite(r.get("teacher"))]
+    if teacher:
+        ax.axhline(sum(teacher) / len(teacher), color="gray", linestyle="--", label="teacher")
+        ax.legend(loc="lower right", fontsize=8)
+    values = [v for r in rows for v in (*r["scores"].values(), *r["ci95"]) if _finite(v)] + teacher
+    if values:  # zoom on the data: at CPU scale the differences are a few points of accuracy
+        lo, hi = min(values), max(values)
+        pad = 0.15 * (hi - lo) or 0.05 * abs(hi) or 0.05
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xticks(list(x), [r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"student {table['metric']}")
+    ax.set_title(f"{table['pair']} / {table['task']}: mean and 95% CI over seeds (axis zoomed)", fontsize=9)
+    return fig
+
+
+def forest(table: dict) -> Figure:
+    rows = [r for r in table["rows"] if r.get("vs")]
+    ref = next((r for r in table["rows"] if r["variant"] == table["reference"]), None)
+    fig = Figure(figsize=(6.0, 1.2 + 0.45 * len(rows)))
+    ax = fig.add_subplot()
+    spread = ref["std"] if ref else math.nan
+    if _finite(spread):
+        ax.axvspan(-spread, spread, color="#dddddd", label=f"± {table['reference']} seed std")
+    ax.axvline(0.0, color="black", linewidth=1)
+    for y, r in enumerate(rows):
+        vs = r["vs"]
+        lo, hi = vs["ci95"]
+        err = [[vs["mean_diff"] - lo], [hi - vs["mean_diff"]]] if _finite(lo, hi) else None
+        ax.errorbar(vs["mean_diff"], y, xerr=err, fmt="o", color="#34618f", capsize=4)
+    ax.set_yticks(range(len(rows)), [f"{r['variant']} (n={r['vs']['n']})" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"Δ {table['metric']} vs {table['reference']} (paired on seeds, 95% CI)")
+    if _finite(spread):
+        ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def spectra(table: dict) -> Figure:
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.add_subplot()
+    colors = _palette()
+    for r in table["rows"]:
+        probe = r.get("probe")
+        if not probe:
+            continue
+        color = next(colors)
+        points = [(i, s) for i, s in enumerate(probe["spectrum"], 1) if _finite(s) and s > 0]
+        if not points:  # a log axis cannot show non-positive scores
+            continue
+        ax.plot([i for i, _ in points], [v for _, v in points], color=color,
+                label=f"{r['variant']} (seed {probe['seed']})")
+        for share, k in sorted((probe.get("effective_dims") or {}).items(), key=lambda kv: float(kv[0])):
+            ax.axvline(k, color=color, linestyle=":", linewidth=1)
+            ax.annotate(f"k_{share}={k}", (k, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                        va="top", ha="right", fontsize=7, color=color)
+    ax.set_yscale("log")
+    ax.set_xlabel("rank of teacher dim (sorted by importance)")
+    ax.set_ylabel("importance score")
+    ax.set_title(f"{table['pair']} / {table['task']}: probe spectrum, k_p = dims holding share p",
+                 fontsize=9)
+    if ax.get_lines():
+        ax.legend(loc="lower left", fontsize=7)
+    return fig
+
+
+def sweep(table: dict, dim: str, series: list[dict]) -> Figure:
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.add_subplot()
+    xs_all = []
+    for s, color in zip(series, _palette(), strict=False):
+        points = sorted(s["points"], key=lambda p: p[0])
+        xs = [x for x, _ in points]
+        xs_all += xs
+        ax.plot(xs, [r["mean"] for _, r in points], marker="o", color=color, label=s["label"])
+        ax.fill_between(xs, [r["ci95"][0] for _, r in points], [r["ci95"][1] for _, r in points],
+                        color=color, alpha=0.2, linewidth=0)
+    if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100:
+        ax.set_xscale("log")
+    ax.set_xlabel(dim)
+    ax.set_ylabel(f"student {table['metric']}")
+    ax.set_title(f"{table['pair']} / {table['task']}: mean and 95% CI over seeds", fontsize=9)
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+def numeric_sweeps(rows: list[dict]) -> dict[str, list[dict]]:
+    """{dim: [series]} for every dim that takes >= 3 numeric values among rows that agree on
+    their strategy and every other coordinate. A series is {"label", "points": [(x, row)]}."""
+    out: dict[str, list[dict]] = {}
+    dims = sorted({d for r in rows for d in r.get("coords", {})})
+    for dim in dims:
+        groups: dict[str, list] = defaultdict(list)
+        rest_of: dict[str, dict] = {}
+        for r in rows:
+            value = r.get("coords", {}).get(dim)
+            if not _is_number(value):
+                continue
+            rest = {k: v for k, v in r["coords"].items() if k != dim}
+            key = json.dumps([r["strategy"], rest], sort_keys=True, default=str)
+            groups[key].append((float(value), r))
+            rest_of[key] = {"strategy": r["strategy"], "rest": rest}
+        found = [(key, pts) for key, pts in groups.items() if len({x for x, _ in pts}) >= 3]
+        if not found:
+            continue
+        series = []
+        for key, pts in found:
+            strategy, rest = rest_of[key]["strategy"], rest_of[key]["rest"]
+            # Name a series by what tells it apart from the other series of its strategy.
+            siblings = [rest_of[k]["rest"] for k, _ in found if rest_of[k]["strategy"] == strategy]
+            differing = {k: v for k, v in rest.items()
+                         if any(json.dumps(s.get(k), default=str) != json.dumps(v, default=str)
+                                for s in siblings)}
+            label = strategy + (" " + ", ".join(f"{k}={v}" for k, v in sorted(differing.items()))
+                                if differing else "")
+            series.append({"label": label, "points": pts})
+        out[dim] = sorted(series, key=lambda s: s["label"])
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _save(fig: Figure, stem: str) -> list[Path]:
+    paths = []
+    for fmt in FORMATS:
+        buf = io.BytesIO()
+        # No date in the SVG: rerunning the tables on the same runs gives the same files.
+        fig.savefig(buf, format=fmt, bbox_inches="tight", dpi=120,
+                    metadata={"Date": None} if fmt == "svg" else None)
+        path = Path(f"{stem}.{fmt}")
+        atomic_write_bytes(path, buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
+
+
+def _finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _palette():
+    return itertools.cycle(["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+                            "#17becf"])
