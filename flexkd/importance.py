@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from flexkd.cache import entry_key, get_or_build
 from flexkd.errors import ConfigError
 from flexkd.models import IGNORE_INDEX, TaskModel, response_positions
+from flexkd.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def run_probe(teacher: TaskModel, loader, cfg: ProbeConfig) -> ProbeResult:
     seen = 0
     device = next(teacher.parameters()).device
     try:
-        for batch in tqdm(loader, desc="importance probe", leave=False, disable=None):
+        for batch in progress(loader, "importance probe"):
             inputs = {key: v.to(device) for key, v in batch["teacher"].items()}
             half = (batch["index"] % 2).to(device)
             if cfg.score in ("activation", "random") and covs is None:

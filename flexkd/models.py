@@ -6,7 +6,9 @@ the last hidden state (encoder or decoder backbone); instruction -> a causal LM.
 
 Layer indices follow Hugging Face `hidden_states`: 0 is the embedding output, n (the number
 of layers) the last layer, negative indices count from the end (-1 = last). For Llama-family
-models in transformers 5.x the last entry is taken after the final norm (the LM head's input).
+models in transformers 5.x (and GPT-2) the last entry is taken after the final norm (the LM
+head's input); a spec's `final_norm_state: pre` makes it the last block's own output, before
+that norm (where the massive-activation dims live), read by a forward pre-hook on the norm.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 CLASSIFIER_FILE = "flexkd_classifier.json"
 HEAD_WEIGHTS = "flexkd_head.pt"
+FINAL_NORM_STATES = ("post", "pre")
+# The final norm of decoder backbones: Llama/Mistral/Qwen `norm`, GPT-2 `ln_f`, OPT/Phi others.
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
 
 @dataclass
@@ -57,10 +62,32 @@ class TaskModel(nn.Module, abc.ABC):
     """Common surface of the two heads: widths, depth, layer indexing, forward."""
 
     kind: str
+    final_norm_state = "post"  # what the last layer's entry in `hidden` is (FINAL_NORM_STATES)
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+
+    def use_final_norm_state(self, state: str) -> TaskModel:
+        """'pre': the last layer (index num_layers, -1) is read before the final norm."""
+        if state not in FINAL_NORM_STATES:
+            raise ConfigError(f"final_norm_state={state!r} is not one of: {', '.join(FINAL_NORM_STATES)}")
+        if state != self.final_norm_state:
+            if state == "post":
+                self._prenorm_hook.remove()
+            else:
+                norm = final_norm(self.backbone)
+                if norm is None:
+                    raise ConfigError(f"final_norm_state=pre: {type(self.backbone).__name__} has no "
+                                      f"final norm ({', '.join(FINAL_NORM_NAMES)}); its last hidden "
+                                      "state is already the last block's output; use post")
+                self._prenorm_hook = norm.register_forward_pre_hook(self._capture_prenorm)
+            self.final_norm_state = state
+        self._prenorm = None
+        return self
+
+    def _capture_prenorm(self, module, args) -> None:
+        self._prenorm = args[0]
 
     @property
     def config(self):
@@ -98,9 +125,12 @@ class TaskModel(nn.Module, abc.ABC):
     def forward(self, inputs: dict[str, torch.Tensor], layers=()) -> ModelOutputs:
         """inputs: input_ids, attention_mask, optional labels; layers: normalised indices."""
 
-    @staticmethod
-    def _pick(hidden_states, layers) -> dict[int, torch.Tensor]:
-        return {i: hidden_states[i] for i in layers}
+    def _pick(self, hidden_states, layers) -> dict[int, torch.Tensor]:
+        picked = {i: hidden_states[i] for i in layers}
+        if self.final_norm_state == "pre" and self.num_layers in picked:
+            picked[self.num_layers] = self._prenorm
+        self._prenorm = None
+        return picked
 
 
 class SequenceClassifier(TaskModel):
@@ -171,6 +201,21 @@ def load_tokenizer(spec: dict, resolve=lambda s: s):
         # Decoder tokenizers often ship without PAD; EOS is the usual stand-in.
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
+
+
+def final_norm(backbone: nn.Module) -> nn.Module | None:
+    """The norm between a decoder's last block and its LM head (None: the backbone has none)."""
+    base = getattr(backbone, "base_model", backbone)
+    for name in FINAL_NORM_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def apply_final_norm_state(model: TaskModel, spec: dict) -> TaskModel:
+    """A spec's `final_norm_state` (post | pre, default post) on a built or loaded model."""
+    return model.use_final_norm_state(spec.get("final_norm_state") or "post")
 
 
 def transformer_blocks(backbone: nn.Module) -> nn.ModuleList:
@@ -253,13 +298,13 @@ def build_model(spec: dict, task_format: str, tokenizer, label_names=None,
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1)
             model = SequenceClassifier(backbone, len(label_names), label_names)
-        return model.to(backbone.dtype)
+        return apply_final_norm_state(model.to(backbone.dtype), spec)
     if task_format == "instruction" or label_words:
         backbone = _backbone(spec, "causal_lm", tokenizer, resolve, seed, prune_inputs)
         if not hasattr(backbone, "get_output_embeddings") or backbone.get_output_embeddings() is None:
             raise ConfigError(f"model {spec.get('name')!r} has no LM head; instruction tasks need "
                               "a causal LM (choose a decoder pair, e.g. pair=tiny_causal)")
-        return CausalLM(backbone)
+        return apply_final_norm_state(CausalLM(backbone), spec)
     raise ConfigError(f"unknown task format {task_format!r}; use classification or instruction")
 
 

@@ -22,6 +22,7 @@ from flexkd.data.tasks import TaskSpec
 from flexkd.errors import ConfigError
 from flexkd.evaluation.evaluate import evaluate_on_task, merge_samples
 from flexkd.evaluation.harness_metrics import evaluate_model
+from flexkd.evaluation.selection import checkpoint_selection, selection_summary
 from flexkd.loggers import build_loggers, finish_loggers
 from flexkd.models import (
     build_model,
@@ -128,7 +129,8 @@ def run(cfg: DictConfig) -> dict | None:
     label_words = uses_label_words(cfg.pair)
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers, label_words=label_words)
+                             num_workers=cfg.data.num_workers, label_words=label_words,
+                             bucket_by_length=cfg.data.bucket_by_length)
     data.setup()
     student_spec = OmegaConf.to_container(cfg.pair.student, resolve=True)
     # A pruned student ranks its source's units on the first training examples (file order).
@@ -161,6 +163,9 @@ def run(cfg: DictConfig) -> dict | None:
         "eval_settings": reports["settings"],
         "samples": reports["samples"],
         "probe": strategy.diagnostics(),
+        "checkpoint_selection": selection_summary(trainer),
+        "layers": {"final_norm_state": {"teacher": teacher.model.final_norm_state,
+                                        "student": student.final_norm_state}},
         "params": {
             "student": total_parameters(student),
             "student_trainable": trainable_parameters(student),
@@ -196,8 +201,10 @@ def distill(ctx: RunContext, strategy, teacher, student, data, name: str):
     if cfg.resume == "never":
         shutil.rmtree(checkpoints, ignore_errors=True)
     resumed_from = resume_path(checkpoints)
+    selection = checkpoint_selection(cfg.eval, student, data.tokenizers["student"], data.task)
     trainer = make_trainer(cfg.trainer, ctx.out, logger=loggers, progress="distill", callbacks=[
-        ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps)])
+        ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps),
+        *([selection] if selection else [])])
     student.train()  # from_pretrained returns eval mode; dropout belongs to training
     trainer.fit(module, datamodule=data, ckpt_path=resumed_from)
     return trainer, loggers, resumed_from

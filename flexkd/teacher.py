@@ -22,7 +22,7 @@ from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.evaluation.evaluate import single_token_label_ids
 from flexkd.evaluation.harness_metrics import evaluate_model
-from flexkd.models import TaskModel, build_model, load_saved_model, save_model
+from flexkd.models import TaskModel, apply_final_norm_state, build_model, load_saved_model, save_model
 from flexkd.storage import content_hash
 from flexkd.training import autocast, make_trainer, runtime_device
 
@@ -57,7 +57,8 @@ def finetune_teacher(model: TaskModel, data: DistillDataModule, finetune: dict, 
     module = DistillationModule(model, Strategy(), teacher=None,
                                 **{k: finetune[k] for k in OPTIM_KEYS if k in finetune})
     trainer = make_trainer(trainer_cfg, work_dir, progress="teacher fine-tune",
-                           max_steps=finetune["max_steps"], max_epochs=None, limit_val_batches=0,
+                           max_steps=finetune["max_steps"],
+                           max_epochs=finetune.get("max_epochs"), limit_val_batches=0,
                            enable_checkpointing=False, num_sanity_val_steps=0,
                            val_check_interval=None)
     model.train()
@@ -104,7 +105,8 @@ def prepare_teacher(spec, finetune, trainer_cfg, task: TaskSpec, tokenizer, cach
         return {"finetune_seconds": finetune_seconds}
 
     def load(path: Path) -> tuple[TaskModel, dict]:
-        model = load_saved_model(path / "model")[0] if finetune is not None else fresh_model()
+        model = (apply_final_norm_state(load_saved_model(path / "model")[0], spec)
+                 if finetune is not None else fresh_model())
         return model, json.loads((path / "metrics.json").read_text())
 
     (model, metrics), entry = get_or_build(cache_dir, CACHE_KIND, key_obj, build, load,
@@ -123,7 +125,7 @@ def evaluate_teacher(teacher: Teacher, tokenizer, task: TaskSpec, eval_cfg) -> d
     harness = teacher.metrics.get("test", {})
     if not uses_lm_eval(teacher.model, eval_cfg):
         return {"metrics": harness, "samples": [], "settings": {}}
-    settings = lm_eval_settings(eval_cfg).__dict__ | {"tasks": list(eval_cfg.tasks)}
+    settings = lm_eval_settings(eval_cfg, task).__dict__ | {"tasks": list(eval_cfg.tasks)}
     path = Path(teacher.info["path"]) / f"eval-{content_hash(settings)}.json"
     try:
         report = json.loads(path.read_text())

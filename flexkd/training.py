@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import OmegaConf
+
+from flexkd.progress import ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -37,28 +38,19 @@ class ProgressLog(L.Callback):
         self.name, self.fraction, self.seconds = name, fraction, seconds
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.total = max(int(trainer.estimated_stepping_batches), 1)
-        self.first = trainer.global_step  # > 0 after a resume
-        self.start = self.last = time.perf_counter()
-        self.every = max(round(self.total * self.fraction), 1)
-        self.logged = trainer.global_step
+        # start: the steps done before a resume do not count as this run's speed
+        self.line = ProgressLine(self.name, max(int(trainer.estimated_stepping_batches), 1),
+                                 self.fraction, self.seconds, quiet=0.0,
+                                 start=trainer.global_step, unit="step ", logger=log)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step, now = trainer.global_step, time.perf_counter()
-        due = step // self.every > self.logged // self.every or now - self.last >= self.seconds
-        if step == self.logged or not trainer.is_global_zero or not (due or step >= self.total):
-            return
-        self.logged, self.last = step, now
-        elapsed = now - self.start
-        eta = elapsed / max(step - self.first, 1) * max(self.total - step, 0)
-        loss = trainer.callback_metrics.get("train/loss")
-        log.info("%s: step %d/%d, loss %s, elapsed %s, eta %s", self.name, step, self.total,
-                 "-" if loss is None else f"{float(loss):.4f}", clock(elapsed), clock(eta))
+        if trainer.is_global_zero:
+            self.line.update(trainer.global_step, lambda: loss_text(trainer))
 
 
-def clock(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s"
+def loss_text(trainer: L.Trainer) -> str:
+    loss = trainer.callback_metrics.get("train/loss")
+    return f"loss {'-' if loss is None else f'{float(loss):.4f}'}"
 
 
 def runtime_device(trainer_cfg) -> torch.device:

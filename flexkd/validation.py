@@ -62,6 +62,8 @@ class Data(Schema):
     batch_size: int = Field(16, ge=1, description="training batch size")
     eval_batch_size: int = Field(64, ge=1, description="evaluation batch size")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    bucket_by_length: bool = Field(True, description="batch examples of similar length (less "
+                                   "padding)")
 
 
 class Optim(Schema):
@@ -74,7 +76,9 @@ class Optim(Schema):
 
 class Finetune(Schema):
     enabled: bool = Field(True, description="fine-tune the teacher on the task first")
-    max_steps: int = Field(300, ge=1, description="teacher fine-tune steps")
+    max_steps: int = Field(300, ge=-1, description="teacher fine-tune steps; -1: use max_epochs")
+    max_epochs: int | None = Field(None, ge=1, description="teacher fine-tune epochs (null: "
+                                   "max_steps only)")
     batch_size: int = Field(32, ge=1, description="teacher fine-tune batch size")
     lr: float = Field(1e-3, gt=0, description="teacher fine-tune learning rate")
     weight_decay: float = Field(0.01, ge=0, description="teacher fine-tune weight decay")
@@ -99,6 +103,9 @@ class ModelSpec(Schema):
                                "(flexkd.pruning)")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = Field(
         None, description="weights dtype; null: float32")
+    final_norm_state: Literal["post", "pre"] = Field(
+        "post", description="what layer -1 is for a decoder: after its final norm (HF "
+        "hidden_states[-1]) or before it")
 
 
 class Pair(Schema):
@@ -120,6 +127,10 @@ class Task(Schema):
                             "are truncated")
     max_prompt_words: int | None = Field(None, ge=1, description="instruction tasks: keep the first "
                                          "N words of each prompt (before max_length cuts tokens)")
+    prompt_template: Literal["plain", "chat"] = Field("plain", description="instruction tasks: "
+                                                    "the prompt format (chat: the tokenizer's chat template)")
+    max_new_tokens: int | None = Field(None, ge=1, description="instruction tasks: new tokens per "
+                                       "generated answer (eval.max_gen_toks overrides)")
     max_train_examples: int | None = Field(None, ge=1, description="cap on training rows; null: all")
     max_validation_examples: int | None = Field(None, ge=1, description="cap on validation rows")
     max_test_examples: int | None = Field(None, ge=1, description="cap on test rows")

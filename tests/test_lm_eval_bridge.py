@@ -268,7 +268,7 @@ def test_rouge_is_computed_on_generated_outputs(model, tok, instruct_task, scrip
         context, gen_kwargs = req.args
         assert context.endswith(format_prompt(req.doc["prompt"]))
         assert context_ids == _model_ids(tok, format_prompt(req.doc["prompt"]))
-        assert "\n" in gen_kwargs["until"] and tok.eos_token in gen_kwargs["until"]
+        assert gen_kwargs["until"] == [tok.eos_token]  # EOS only: "\n" does not end an answer
         assert gen_kwargs["do_sample"] is False and gen_kwargs["max_gen_toks"] == 5
 
     # First word wrong in every 3-word response: LCS 2 of 3 words, 1 of 2 bigrams.

@@ -51,11 +51,12 @@ class DistillDataModule(L.LightningDataModule):
     input_ids, attention_mask and labels. With one shared tokenizer both sides are the same
     tensors. With two tokenizers a batch also holds "alignment": {"student": (B, Ls),
     "teacher": (B, Lt) group ids (-1 = none), "n_groups": G} - or None when a tokenizer has no
-    offset mapping (not fast), which only token-comparing strategies refuse."""
+    offset mapping (not fast), which only token-comparing strategies refuse.
+    `bucket_by_length`: every loader batches examples of similar length (less padding)."""
 
     def __init__(self, task: TaskSpec, student_tokenizer, teacher_tokenizer=None,
                  batch_size: int = 16, eval_batch_size: int | None = None, seed: int = 0,
-                 num_workers: int = 0, label_words: bool = False):
+                 num_workers: int = 0, label_words: bool = False, bucket_by_length: bool = True):
         super().__init__()
         self.task = task
         self.tokenizers = {"student": student_tokenizer,
@@ -68,6 +69,7 @@ class DistillDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.label_words = label_words and task.format == "classification"
+        self.bucket_by_length = bucket_by_length
         self.splits: dict[str, list[dict]] = {}
 
     # -------------------------------------------------------------- encoding
@@ -80,7 +82,8 @@ class DistillDataModule(L.LightningDataModule):
             return encode_classification(row, tokenizer, self.task.max_length,
                                          self.task.label_names, where, spans=spans)
         return encode_instruction(row, tokenizer, self.task.max_length, where,
-                                  self.task.max_prompt_words, spans=spans)
+                                  self.task.max_prompt_words, spans=spans,
+                                  prompt_template=self.task.prompt_template)
 
     def _example(self, i: int, row: dict, where: str) -> dict:
         ex = {"index": i, "where": where}
@@ -150,7 +153,10 @@ class DistillDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, batch_size: int, limit: int | None = None):
         self.setup()
         data = self.splits[split][:limit] if limit else self.splits[split]
-        sampler = ResumableBatchSampler(len(data), batch_size, self.seed, shuffle=shuffle)
+        # Batches of similar lengths pad less (flexkd.data.sampling); the longer side counts.
+        lengths = [max(len(e["student"].input_ids), len(e["teacher"].input_ids)) for e in data]
+        sampler = ResumableBatchSampler(len(data), batch_size, self.seed, shuffle=shuffle,
+                                        lengths=lengths if self.bucket_by_length else None)
         return DataLoader(data, batch_sampler=sampler, collate_fn=self.collate,
                           num_workers=self.num_workers)
 
@@ -164,5 +170,6 @@ class DistillDataModule(L.LightningDataModule):
         return self._loader("test", False, self.eval_batch_size)
 
     def probe_dataloader(self, examples: int, batch_size: int):
-        """The first `examples` training examples in file order (the same for every seed)."""
+        """The first `examples` training examples of the file (the same for every seed); in
+        file order unless bucketed by length."""
         return self._loader("train", False, batch_size, limit=examples)

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 from flexkd.data.alignment import OUTSIDE, SPECIAL
 from flexkd.data.formatting import (
-    clip_words,
     format_classification_context,
     format_label_choice,
-    format_prompt,
     format_response,
+    render_prompt,
 )
 from flexkd.data.jsonl import DataFileError
 from flexkd.models import IGNORE_INDEX
@@ -73,13 +72,15 @@ def encode_classification(row: dict, tokenizer, max_length: int, label_names, wh
 
 
 def encode_instruction(row: dict, tokenizer, max_length: int, where: str,
-                       max_prompt_words: int | None = None, spans: bool = False) -> Encoded:
+                       max_prompt_words: int | None = None, spans: bool = False,
+                       prompt_template: str = "plain") -> Encoded:
     """Prompt then response + EOS; labels on the response only. With `spans`, only the response
     is aligned across tokenizers (its text is `text`; prompt tokens are OUTSIDE)."""
     for key in ("prompt", "response"):
         _require_string(row, key, where)
-    prompt = causal_context(tokenizer, format_prompt(clip_words(row["prompt"], max_prompt_words)))
-    response_text = format_response(row["response"])
+    prompt = causal_context(tokenizer, render_prompt(row["prompt"], tokenizer, prompt_template,
+                                                     max_prompt_words))
+    response_text = format_response(row["response"], prompt_template)
     response, marks = tokenize(tokenizer, response_text, spans, add_special_tokens=False)
     response = response + [tokenizer.eos_token_id]
     marks = None if marks is None else marks + [SPECIAL]

@@ -35,6 +35,8 @@ class TaskSpec:
     max_length: int = 128
     max_examples: dict[str, int | None] = field(default_factory=dict)
     max_prompt_words: int | None = None
+    prompt_template: str = "plain"  # instruction tasks: plain | chat (flexkd.data.formatting)
+    max_new_tokens: int | None = None  # instruction tasks: generation budget (lm-eval)
 
     @classmethod
     def from_config(cls, cfg, resolve=lambda s: s) -> TaskSpec:
@@ -51,7 +53,9 @@ class TaskSpec:
         limits = {s: cfg.get(f"max_{s}_examples") for s in SPLITS}
         return cls(name=cfg["name"], format=cfg["format"], data_dir=data_dir, label_names=labels,
                    max_length=int(cfg.get("max_length", 128)), max_examples=limits,
-                   max_prompt_words=cfg.get("max_prompt_words"))
+                   max_prompt_words=cfg.get("max_prompt_words"),
+                   prompt_template=cfg.get("prompt_template") or "plain",
+                   max_new_tokens=cfg.get("max_new_tokens"))
 
     def split_path(self, split: str) -> Path:
         return self.data_dir / f"{split}.jsonl"
@@ -62,4 +66,7 @@ class TaskSpec:
         return {"name": self.name, "format": self.format, "files": files,
                 "labels": self.label_names, "max_length": self.max_length,
                 "max_prompt_words": self.max_prompt_words,
-                "max_examples": self.max_examples}
+                "max_examples": self.max_examples,
+                # Only when it changes the encoded text, so existing cache keys stay valid.
+                **({"prompt_template": self.prompt_template}
+                   if self.prompt_template != "plain" else {})}

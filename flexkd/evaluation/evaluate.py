@@ -14,20 +14,48 @@ from omegaconf import OmegaConf
 
 from flexkd.data.encoding import label_word_ids
 from flexkd.data.tasks import TaskSpec
+from flexkd.errors import ConfigError
 from flexkd.evaluation.harness_metrics import evaluate_model
 from flexkd.models import TaskModel
 
 log = logging.getLogger(__name__)
 
 
-def lm_eval_settings(eval_cfg):
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def lm_eval_settings(eval_cfg, task: TaskSpec | None = None):
+    """The bridge's settings from the `eval` config. New tokens per answer: `eval.max_gen_toks`
+    when set (a sweep-wide override), else the task's `max_new_tokens`, else 64."""
     from flexkd.evaluation.lm_eval_bridge import LmEvalSettings
 
     cfg = OmegaConf.to_container(eval_cfg, resolve=True) if OmegaConf.is_config(eval_cfg) else dict(eval_cfg)
-    return LmEvalSettings(batch_size=cfg["batch_size"], limit=cfg.get("limit"),
-                          max_gen_toks=cfg["max_gen_toks"], sampling=cfg["sampling"],
-                          temperature=cfg["temperature"], seeds=list(cfg["seeds"]),
-                          perplexity=cfg["perplexity"], max_length=cfg.get("max_length"))
+    max_new = cfg.get("max_gen_toks")
+    if max_new is None:
+        max_new = getattr(task, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+    try:
+        return LmEvalSettings(batch_size=cfg["batch_size"], limit=cfg.get("limit"),
+                              max_gen_toks=int(max_new), until=list(cfg.get("until") or []),
+                              sampling=cfg["sampling"], temperature=cfg["temperature"],
+                              top_k=cfg.get("top_k", 0), top_p=cfg.get("top_p", 1.0),
+                              seeds=list(cfg["seeds"]), perplexity=cfg["perplexity"],
+                              max_length=cfg.get("max_length"))
+    except ValueError as e:  # its message names the eval.<key> to change
+        raise ConfigError(str(e)) from None
+
+
+def context_window(settings, task: TaskSpec, backbone) -> int:
+    """HFLM's max_length when `eval.max_length` is null: room for a context as long as in
+    training (task.max_length) plus the answer, within the model's position limit."""
+    window = task.max_length + (settings.max_gen_toks if task.format == "instruction" else 0)
+    limit = getattr(backbone.config, "max_position_embeddings", None) \
+        or getattr(backbone.config, "n_positions", None)
+    if limit:
+        window = min(window, int(limit))
+    if task.format == "instruction" and settings.max_gen_toks >= window:
+        raise ConfigError(f"eval.max_gen_toks / task.max_new_tokens={settings.max_gen_toks} leaves "
+                          f"no room for the prompt in the model's {window} positions; lower it")
+    return window
 
 
 def single_token_label_ids(model: TaskModel, tokenizer, task: TaskSpec) -> list[int] | None:
@@ -60,12 +88,12 @@ def evaluate_on_task(model: TaskModel, tokenizer, task: TaskSpec, loader, eval_c
     if uses_lm_eval(model, eval_cfg):
         from flexkd.evaluation.lm_eval_bridge import LmEvalTask, evaluate_causal_lm
 
-        settings = lm_eval_settings(eval_cfg)
+        settings = lm_eval_settings(eval_cfg, task)
         if settings.max_length is None:
             # The model sees contexts cut as in training (HFLM keeps their end).
-            settings.max_length = task.max_length
+            settings.max_length = context_window(settings, task, model.backbone)
         lm_task = LmEvalTask(task.name, task.format, str(task.data_dir), "test",
-                             task.label_names or None, task.max_prompt_words)
+                             task.label_names or None, task.max_prompt_words, task.prompt_template)
         log.info("lm-eval: scoring the %s on %s (%s)", who, task.name, asdict(settings))
         scored = evaluate_causal_lm(model.backbone, tokenizer, lm_task, settings)
         metrics.update(scored["metrics"])

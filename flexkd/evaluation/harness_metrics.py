@@ -10,9 +10,9 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
     multiclass_matthews_corrcoef,
 )
-from tqdm.auto import tqdm
 
 from flexkd.models import IGNORE_INDEX, TaskModel, response_positions
+from flexkd.progress import progress
 
 
 def label_word_predictions(logits: torch.Tensor, labels: torch.Tensor,
@@ -52,7 +52,7 @@ def evaluate_model(model: TaskModel, loader, side: str = "student", desc: str = 
     preds, golds = [], []
     nll, tokens = 0.0, 0
     try:
-        for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+        for batch in progress(loader, desc):
             inputs = {k: v.to(device) for k, v in batch[side].items()}
             out = model(inputs)
             if model.kind == "classifier":

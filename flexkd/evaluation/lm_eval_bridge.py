@@ -17,9 +17,12 @@ What is scored, per task format
     the summed log-likelihood, resp. of log-likelihood / character length of the choice).
 
 ``instruction`` (rows ``{"prompt": str, "response": str}``)
-    ``generate_until`` from ``format_prompt(prompt)``, stopping at ``"\\n"`` or the EOS token
-    string, at most ``max_gen_toks`` new tokens; greedy, or (``sampling=True``) one run per seed
-    at ``temperature``, each seeded through ``simple_evaluate``'s random/numpy/torch seeds.
+    ``generate_until`` from ``render_prompt(prompt, tokenizer, task.prompt_template)`` (as in
+    training), stopping at the EOS token string or any of ``settings.until`` (default none:
+    multi-line answers are generated whole), at most ``max_gen_toks`` new tokens; greedy, or
+    (``sampling=True``) one run per seed with ``temperature``, ``top_k`` (0: off) and
+    ``top_p`` passed explicitly to ``generate`` (see ``generation_kwargs``), each run seeded
+    through ``simple_evaluate``'s random/numpy/torch seeds.
     ROUGE-1/2/L F-measure (``rouge_score``, Porter stemmer, x100) is computed per example in
     ``process_results`` against the stripped reference response and averaged. With sampling the
     reported ``rouge*`` are means over seeds, ``rouge*_std`` the sample standard deviation over
@@ -63,10 +66,9 @@ from pathlib import Path
 from typing import Any
 
 from flexkd.data.formatting import (
-    clip_words,
     format_classification_context,
     format_label_choice,
-    format_prompt,
+    render_prompt,
 )
 from flexkd.offline import set_offline_defaults
 
@@ -107,6 +109,7 @@ class LmEvalTask:
     split: str = "test"
     label_names: list[str] | None = None  # classification only; rows {"text", "label": int}
     max_prompt_words: int | None = None  # instruction: keep the prompt's first N words
+    prompt_template: str = "plain"  # instruction: plain | chat (flexkd.data.formatting)
     # instruction rows are {"prompt": str, "response": str}
 
     def __post_init__(self) -> None:
@@ -126,19 +129,67 @@ class LmEvalTask:
 class LmEvalSettings:
     batch_size: int = 8
     limit: int | None = None  # max examples per task
-    max_gen_toks: int = 64
-    sampling: bool = False  # False: greedy; True: temperature below, one run per seed
+    max_gen_toks: int = 64  # new tokens per generation (lm-eval's name for max_new_tokens)
+    # Stop strings besides EOS, which always stops generation: [] = EOS only, so multi-line
+    # answers are generated whole (MiniLLM's protocol); ["\n"] = first line only.
+    until: list[str] = field(default_factory=list)
+    sampling: bool = False  # False: greedy; True: sample at the settings below, one run per seed
     temperature: float = 1.0
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # used when sampling
+    top_k: int = 0  # 0: no top-k filter (HF's generate would otherwise apply its default 50)
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])  # used when sampling
     perplexity: bool = True  # loglikelihood_rolling on held-out responses (instruction tasks)
     max_length: int | None = None  # model context length passed to HFLM
+
+    def __post_init__(self) -> None:
+        # Plain lists (an OmegaConf ListConfig would not survive asdict / JSON).
+        self.until = [str(u) for u in self.until]
+        self.seeds = [int(s) for s in self.seeds]
+        for name, ok, need in (("max_gen_toks", self.max_gen_toks >= 1, ">= 1"),
+                               ("temperature", self.temperature > 0, "> 0"),
+                               ("top_k", self.top_k >= 0, ">= 0 (0: disabled)"),
+                               ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1: disabled)")):
+            if not ok:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be {need}")
+        if "" in self.until:
+            raise ValueError("eval.until contains an empty string, which would stop at once; "
+                             "use [] for EOS only")
+        if self.sampling and not self.seeds:
+            raise ValueError("eval.sampling=true needs at least one seed in eval.seeds")
+
+
+def generation_kwargs(settings: LmEvalSettings, eos: str | None, sample: bool) -> dict[str, Any]:
+    """The ``generation_kwargs`` of a generate_until task. HFLM passes every key but
+    ``until``/``max_gen_toks`` through to ``model.generate``, so sampling sets temperature,
+    top_k and top_p explicitly: neither HF's defaults (top_k=50) nor a checkpoint's
+    generation_config.json (e.g. top_p=0.9) can change the protocol."""
+    until = list(settings.until)
+    if eos and eos not in until:
+        until.append(eos)
+    kwargs: dict[str, Any] = {"until": until, "max_gen_toks": int(settings.max_gen_toks),
+                              "do_sample": bool(sample)}
+    if sample:
+        kwargs.update(temperature=float(settings.temperature), top_k=int(settings.top_k),
+                      top_p=float(settings.top_p))
+    return kwargs
 
 
 # --------------------------------------------------------------------------- task configs
 
 
-def _doc_context(prefix: str, max_prompt_words: int | None, doc: dict) -> str:
-    return prefix + format_prompt(clip_words(doc["prompt"], max_prompt_words))
+class _InstructionContext:
+    """``doc_to_text`` of instruction tasks: the BOS prefix, then the prompt rendered exactly
+    as in training (`render_prompt`, which may need the tokenizer's chat template)."""
+
+    def __init__(self, prefix: str, task: LmEvalTask, tokenizer) -> None:
+        self.prefix, self.task, self.tokenizer = prefix, task, tokenizer
+
+    def __call__(self, doc: dict) -> str:
+        return self.prefix + render_prompt(doc["prompt"], self.tokenizer, self.task.prompt_template,
+                                           self.task.max_prompt_words)
+
+    def __deepcopy__(self, memo: dict) -> _InstructionContext:  # TaskManager deep-copies configs
+        return self
 
 
 def _doc_reference(doc: dict) -> str:
@@ -204,20 +255,15 @@ def _classification_config(task: LmEvalTask, prefix: str) -> dict[str, Any]:
 
 
 def _generation_config(
-    task: LmEvalTask, settings: LmEvalSettings, eos: str | None, sample: bool, prefix: str
+    task: LmEvalTask, settings: LmEvalSettings, eos: str | None, sample: bool, prefix: str,
+    tokenizer=None,
 ) -> dict[str, Any]:
-    gen_kwargs: dict[str, Any] = {
-        "until": ["\n"] + ([eos] if eos else []),
-        "max_gen_toks": int(settings.max_gen_toks),
-        "do_sample": bool(sample),
-    }
-    if sample:
-        gen_kwargs["temperature"] = float(settings.temperature)
+    gen_kwargs = generation_kwargs(settings, eos, sample)
     return {
         "task": task.name,
         **_dataset_fields(task),
         "output_type": "generate_until",
-        "doc_to_text": functools.partial(_doc_context, prefix, task.max_prompt_words),
+        "doc_to_text": _InstructionContext(prefix, task, tokenizer),
         "doc_to_target": _doc_reference,
         "target_delimiter": "",
         "generation_kwargs": gen_kwargs,
@@ -396,6 +442,8 @@ def _metric(results: dict, task_name: str, metric: str) -> float:
 def _settings_record(settings: LmEvalSettings, special: _SpecialTokens) -> dict[str, Any]:
     record = asdict(settings)
     record["seeds"] = list(settings.seeds) if settings.sampling else []
+    record["greedy"] = not settings.sampling
+    record["max_new_tokens"] = int(settings.max_gen_toks)
     record["lm_eval_version"] = _lm_eval_version()
     record["add_special_tokens"] = special.add_special_tokens  # None: tokenizer default
     record["context_prefix"] = special.context_prefix
@@ -475,7 +523,7 @@ def evaluate_causal_lm(model, tokenizer, task: LmEvalTask, settings: LmEvalSetti
             seeds = list(settings.seeds) if settings.sampling else [0]
             per_seed: list[dict[str, float]] = []  # one entry per run, in seeds order
             for i, seed in enumerate(seeds):
-                tasks = [_generation_config(task, settings, eos, settings.sampling, prefix)]
+                tasks = [_generation_config(task, settings, eos, settings.sampling, prefix, tokenizer)]
                 with_ppl = settings.perplexity and i == 0
                 if with_ppl:
                     tasks.append(_perplexity_config(task))
@@ -499,6 +547,10 @@ def evaluate_causal_lm(model, tokenizer, task: LmEvalTask, settings: LmEvalSetti
 
     report["settings"] = _settings_record(settings, special)
     report["settings"].update({"task": task.name, "format": task.format, "split": task.split})
+    if task.format == "instruction":
+        # Exactly what generate_until was given (EOS included), and the prompt format.
+        report["settings"]["generation_kwargs"] = generation_kwargs(settings, eos, settings.sampling)
+        report["settings"]["prompt_template"] = task.prompt_template
     return report
 
 
