@@ -258,9 +258,10 @@ def _backbone(spec: dict, head: str, tokenizer, resolve, seed: int, prune_inputs
     if spec.get("prune"):
         from flexkd.pruning import load_record, pruned_source
 
-        folder = pruned_source(spec["prune"], resolve, **prune_inputs)
+        folder, entry = pruned_source(spec["prune"], resolve, **prune_inputs)
         model = cls.from_pretrained(folder, dtype=dtype)
-        model.flexkd_pruning = {**load_record(folder), "path": str(folder)}  # for results.json
+        # for results.json: what was cut and how, where it is cached, whether it was reused
+        model.flexkd_pruning = {**load_record(folder), "path": str(folder), "cache_hit": entry.cache_hit}
         return model
     if spec.get("path"):
         model = cls.from_pretrained(resolve(str(spec["path"])), dtype=dtype)

@@ -1,6 +1,7 @@
 """The run lifecycle (DESIGN.md "Data flow"), one small function per stage.
 
-    resolve -> teacher (fine-tune, cached) -> student + data -> strategy setup (probe, cached)
+    resolve -> teacher (fine-tune, cached) -> data -> student (pruned ones: probe the teacher,
+    prune, cached) -> strategy setup (probe, cached)
     -> distill (Lightning) -> evaluate -> save student -> results.json
 """
 
@@ -132,13 +133,9 @@ def run(cfg: DictConfig) -> dict | None:
                              num_workers=cfg.data.num_workers, label_words=label_words,
                              bucket_by_length=cfg.data.bucket_by_length)
     data.setup()
-    student_spec = OmegaConf.to_container(cfg.pair.student, resolve=True)
-    # A pruned student ranks its source's units on the first training examples (file order).
-    calibration = ([b["student"] for b in data.probe_dataloader(64, cfg.data.eval_batch_size)]
-                   if student_spec.get("prune") else None)
-    student = build_model(student_spec, task.format, student_tok, task.label_names, ctx.resolve,
-                          seed=cfg.seed, label_words=label_words, cache_dir=ctx.cache_dir,
-                          calibration=calibration)
+    with ctx.timings.stage("student"):
+        student = build_student(ctx, task, teacher, data, student_tok, label_words)
+        student_init = initial_report(ctx, task, student, student_tok, data)
 
     with ctx.timings.stage("probe"):
         setup_strategy(ctx, strategy, teacher, student, data)
@@ -173,10 +170,77 @@ def run(cfg: DictConfig) -> dict | None:
             "teacher": total_parameters(teacher.model),
         },
         "teacher": teacher.info,
+        "student_init": student_init,
+        "width_ratio": width_ratio(teacher.model, student),
         "train": {"steps": int(trainer.global_step),
                   "resumed_from": str(resumed_from) if resumed_from else None},
     }
     return report(ctx, results, loggers)
+
+
+def build_student(ctx: RunContext, task, teacher, data, tokenizer, label_words: bool):
+    """The student. A pruned one (`pair.student.prune`) ranks its source's residual dims by the
+    teacher's Flex-KD probe (the default) and its heads/channels by activations on the first
+    64 training examples (file order)."""
+    spec = OmegaConf.to_container(ctx.cfg.pair.student, resolve=True)
+    prune = spec.get("prune")
+    calibration = scores = None
+    if prune:
+        calibration = [b["student"] for b in data.probe_dataloader(64, ctx.cfg.data.eval_batch_size)]
+        scores = pruning_probe(ctx, prune, teacher, data)
+    return build_model(spec, task.format, tokenizer, task.label_names, ctx.resolve, seed=ctx.cfg.seed,
+                       label_words=label_words, cache_dir=ctx.cache_dir, calibration=calibration,
+                       prune_scores=scores)
+
+
+def pruning_probe(ctx: RunContext, prune: dict, teacher, data):
+    """Per-dim importance of the teacher's residual stream for `prune.rank_by: probe`, or None.
+
+    The settings are the flexkd strategy's defaults (k = the student width, its probe examples
+    and batch size), so a later `strategy=flexkd` run with a matching layer/score reuses this
+    cached probe. Dims of the stream are one space through all blocks, so one layer's scores
+    (the last by default) rank them everywhere."""
+    from flexkd.importance import ProbeConfig, cached_probe
+    from flexkd.pruning import SPEC_RANKING
+    from flexkd.strategies.flexkd import FlexKD
+
+    if prune.get("rank_by", SPEC_RANKING) != "probe":
+        return None
+    knobs = FlexKD.Knobs.model_fields
+    d_t = teacher.model.hidden_size
+    cfg = ProbeConfig(layer=teacher.model.layer_index(prune.get("probe_layer", -1)),
+                      score=prune.get("probe_score", "grad"),
+                      selection=knobs["selection"].default, target=knobs["target"].default,
+                      k=min(prune.get("hidden_size") or d_t, d_t),
+                      examples=knobs["probe_examples"].default,
+                      batch_size=knobs["probe_batch_size"].default, seed=ctx.cfg.seed)
+    cfg.validate()
+    teacher.model.to(ctx.device)
+    with ctx.precision():
+        result = cached_probe(teacher.model, data.probe_dataloader(cfg.examples, cfg.batch_size), cfg,
+                              ctx.cache_dir, teacher.fingerprint, data.task.fingerprint())
+    return result.scores.detach().float().cpu()
+
+
+def initial_report(ctx: RunContext, task, student, tokenizer, data) -> dict:
+    """The student before distillation: its validation metrics (accuracy / response perplexity)
+    and, for a pruned student, the pruning record (source, plan, kept shape, parameters
+    before/after, cache path and hit)."""
+    import torch
+
+    from flexkd.evaluation.evaluate import single_token_label_ids
+
+    student.to(ctx.device)
+    with torch.random.fork_rng(), ctx.precision():  # training's random stream stays as it was
+        metrics = evaluate_model(student, data.val_dataloader(), desc="student before training",
+                                 label_ids=single_token_label_ids(student, tokenizer, task))
+    return {"validation": metrics, "parameters": total_parameters(student),
+            "pruning": getattr(student.backbone, "flexkd_pruning", None)}
+
+
+def width_ratio(teacher, student) -> float:
+    """d_T / d_S, the residual widths' ratio (a numeric dimension of the benchmark tables)."""
+    return round(teacher.hidden_size / student.hidden_size, 4)
 
 
 def setup_strategy(ctx: RunContext, strategy, teacher, student, data) -> None:

@@ -27,6 +27,11 @@ Rankings (`PrunePlan.rank_by`):
 * ``random``: seeded.
 * ``scores``: residual dims by scores given from outside (the Flex-KD probe's per-dim
   importance, length d); heads, head dims and channels, when pruned too, by activation.
+* ``probe`` (a model spec's default): ``scores`` from the Flex-KD importance probe of the
+  (fine-tuned) teacher on the task (`flexkd.pipeline.pruning_scores`; the source must be the
+  teacher's model). The residual stream is one space shared by every block (each block reads
+  and adds to it), so the probe's per-dim scores at one layer (the last, by default) rank the
+  stream's dims everywhere.
 The top-scoring units are kept in their original index order (so dim i of the student is
 the teacher's i-th kept dim, and head/group order is preserved); the kept indices are recorded.
 
@@ -65,7 +70,9 @@ from flexkd.models import TaskModel, keep_layers, total_parameters
 
 log = logging.getLogger(__name__)
 
-RANKINGS = ("activation", "random", "scores")
+RANKINGS = ("activation", "random", "scores", "probe")
+EXTERNAL_RANKINGS = ("scores", "probe")  # residual dims ranked by scores passed in
+SPEC_RANKING = "probe"  # a model spec's default: the Flex-KD probe of the (fine-tuned) teacher
 RECORD_FILE = "flexkd_pruning.json"
 CACHE_VERSION = 1
 FAMILIES = {"LlamaForCausalLM": "llama", "LlamaModel": "llama", "BertModel": "bert",
@@ -78,6 +85,8 @@ class PrunePlan:
 
     num_heads: query heads per layer; num_kv_heads: KV heads (Llama; default in `choose_heads`).
     keep_layers: source block indices to keep, increasing.
+    probe_layer / probe_score: for rank_by="probe", the teacher layer and importance score
+    (flexkd.importance) the caller probed with; recorded (and keyed) with the plan.
     """
 
     hidden_size: int | None = None
@@ -87,6 +96,8 @@ class PrunePlan:
     keep_layers: tuple[int, ...] | None = None
     rank_by: str = "activation"
     seed: int = 0
+    probe_layer: int = -1
+    probe_score: str = "grad"
 
     def __post_init__(self):
         if self.rank_by not in RANKINGS:
@@ -501,9 +512,10 @@ def prune(model: nn.Module, plan: PrunePlan, calibration_batches: Iterable[Mappi
     layout = _layout(model)
     need = _needs(plan, layout)
     d, n = int(layout.config.hidden_size), len(layout.blocks)
-    if plan.rank_by == "scores":
+    if plan.rank_by in EXTERNAL_RANKINGS:
         if scores is None:
-            raise ConfigError("prune.rank_by=scores needs the per-dim scores (e.g. the Flex-KD probe's)")
+            raise ConfigError(f"prune.rank_by={plan.rank_by} needs the per-dim scores (e.g. the "
+                              "Flex-KD probe's)")
         scores = torch.as_tensor(scores).flatten()
         if scores.numel() != d:
             raise ConfigError(f"prune scores have {scores.numel()} entries; the source's hidden size is {d}")
@@ -527,7 +539,7 @@ def prune(model: nn.Module, plan: PrunePlan, calibration_batches: Iterable[Mappi
     kept: dict[str, Any] = {"layers": list(plan.keep_layers or range(source_layers))}
     ranked: dict[str, str] = {}
     if need["hidden"]:
-        resid = scores if plan.rank_by == "scores" else rank(stats.resid if stats else None, d)
+        resid = scores if plan.rank_by in EXTERNAL_RANKINGS else rank(stats.resid if stats else None, d)
         ranked["hidden"] = plan.rank_by
         kept["hidden"] = top_sorted(resid, need["new_d"])
     else:
@@ -696,7 +708,7 @@ def cached_pruned(source: str | Path, plan: PrunePlan, cache_root: str | Path,
     batches = list(calibration_batches) if calibration_batches is not None else None
     key = {"source": source_fingerprint(source), "plan": plan.as_dict(),
            "dtype": str(dtype or torch.float32)}
-    if plan.rank_by == "scores" and scores is not None:
+    if plan.rank_by in EXTERNAL_RANKINGS and scores is not None:
         key["scores"] = tensors_fingerprint([torch.as_tensor(scores, dtype=torch.float32)])
     if plan.rank_by != "random" and batches is not None:
         key["calibration"] = tensors_fingerprint(
@@ -723,33 +735,42 @@ def cached_pruned(source: str | Path, plan: PrunePlan, cache_root: str | Path,
                         desc=f"pruned student of {source}")
 
 
-def pruned_source(spec: Mapping[str, Any], resolve=lambda s: s, cache_root: str | Path | None = None,
-                  calibration_batches: Iterable[Mapping] | None = None,
-                  scores: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Path:
-    """The folder of a model spec's `prune:` source: {from: <path|asset:name|hub name>, plan keys}.
-
-    `num_layers: n` is shorthand for keep_layers spread evenly over the source (first and last
-    block kept)."""
-    from flexkd.storage import default_cache_dir
-
-    spec = dict(spec)
+def spec_plan(spec: Mapping[str, Any], total_layers: int) -> tuple[str, PrunePlan]:
+    """(source, plan) of a model spec's `prune:` mapping: {from: <path|asset:name|hub name>,
+    plan keys}; rank_by defaults to SPEC_RANKING, and `num_layers: n` is shorthand for
+    keep_layers spread evenly over the source's `total_layers` blocks (first and last kept)."""
+    spec = {"rank_by": SPEC_RANKING, **spec}
     source = spec.pop("from", None)
     if not source:
         raise ConfigError("prune: set `from` (a path, asset:<name> or hub name of the model to prune)")
     num_layers = spec.pop("num_layers", None)
-    folder = resolve(str(source))
     if num_layers is not None:
         if spec.get("keep_layers") is not None:
             raise ConfigError("prune: give num_layers or keep_layers, not both")
-        from transformers import AutoConfig
-
-        total = int(AutoConfig.from_pretrained(folder).num_hidden_layers)
-        spec["keep_layers"] = evenly_spaced_layers(total, int(num_layers))
+        spec["keep_layers"] = evenly_spaced_layers(total_layers, int(num_layers))
     plan = PrunePlan.from_dict(spec)
+    if plan.keep_layers is not None:
+        bad = [i for i in plan.keep_layers if not 0 <= i < total_layers]
+        if bad or not plan.keep_layers or sorted(set(plan.keep_layers)) != list(plan.keep_layers):
+            raise ConfigError(f"prune.keep_layers={list(plan.keep_layers)} must be increasing block "
+                              f"indices in 0..{total_layers - 1}")
+    return str(source), plan
+
+
+def pruned_source(spec: Mapping[str, Any], resolve=lambda s: s, cache_root: str | Path | None = None,
+                  calibration_batches: Iterable[Mapping] | None = None,
+                  scores: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+    """(folder, flexkd.cache.EntryInfo) of a model spec's `prune:` source (see `spec_plan`)."""
+    from transformers import AutoConfig
+
+    from flexkd.storage import default_cache_dir
+
+    folder = resolve(str(spec.get("from") or ""))
+    source, plan = spec_plan(spec, int(AutoConfig.from_pretrained(folder).num_hidden_layers))
     path, info = cached_pruned(folder, plan, cache_root or default_cache_dir(), calibration_batches,
                                scores, dtype)
     log.info("pruned student %s (%s)", path, "cache hit" if info.cache_hit else "built")
-    return path
+    return path, info
 
 
 def pruned_shape(spec: Mapping[str, Any], resolve=lambda s: s) -> tuple[Any, int, int]:
@@ -757,21 +778,11 @@ def pruned_shape(spec: Mapping[str, Any], resolve=lambda s: s) -> tuple[Any, int
     (for config validation before any weights load)."""
     from transformers import AutoConfig
 
-    spec = dict(spec)
-    source = spec.pop("from", None)
-    if not source:
+    if not spec.get("from"):
         raise ConfigError("prune: set `from` (a path, asset:<name> or hub name of the model to prune)")
-    config = AutoConfig.from_pretrained(resolve(str(source)))
-    num_layers = spec.pop("num_layers", None)
-    plan = PrunePlan.from_dict(spec)
-    total = int(config.num_hidden_layers)
-    if plan.keep_layers is not None:
-        bad = [i for i in plan.keep_layers if not 0 <= i < total]
-        if bad or not plan.keep_layers or sorted(set(plan.keep_layers)) != list(plan.keep_layers):
-            raise ConfigError(f"prune.keep_layers={list(plan.keep_layers)} must be increasing block "
-                              f"indices in 0..{total - 1}")
-    depth = len(evenly_spaced_layers(total, int(num_layers))) if num_layers is not None \
-        else len(plan.keep_layers) if plan.keep_layers is not None else total
+    config = AutoConfig.from_pretrained(resolve(str(spec["from"])))
+    source, plan = spec_plan(spec, int(config.num_hidden_layers))
+    depth = len(plan.keep_layers) if plan.keep_layers is not None else int(config.num_hidden_layers)
     width = plan.hidden_size or int(config.hidden_size)
     if width > int(config.hidden_size):
         raise ConfigError(f"prune.hidden_size={width} exceeds {source}'s hidden size {config.hidden_size}")

@@ -292,6 +292,27 @@ def check_model_spec(path: str, m: dict) -> None:
                           f"or give {path}.init.num_hidden_layers instead")
 
 
+def check_probe_pruning(pair: dict) -> None:
+    """`prune.rank_by: probe` (the default) ranks the source's dims by the teacher's probe, so
+    the source must be the teacher's own model (same dims)."""
+    from flexkd.importance import SCORES
+    from flexkd.pruning import SPEC_RANKING
+
+    prune = pair["student"].get("prune")
+    if not prune or prune.get("rank_by", SPEC_RANKING) != "probe":
+        return
+    if prune.get("from") != pair["teacher"].get("path"):
+        raise ConfigError(f"pair.student.prune.rank_by=probe ranks dims by the teacher's probe, so "
+                          f"prune.from={show(prune.get('from'))} must be the teacher's path "
+                          f"({show(pair['teacher'].get('path'))}); or set prune.rank_by=activation")
+    if prune.get("probe_score", "grad") not in SCORES:
+        raise ConfigError(f"pair.student.prune.probe_score={show(prune.get('probe_score'))} is not "
+                          f"valid; choose one of: {', '.join(SCORES)}")
+    if not isinstance(prune.get("probe_layer", -1), int):
+        raise ConfigError(f"pair.student.prune.probe_layer={show(prune.get('probe_layer'))} must be "
+                          "an integer teacher layer (-1: the last)")
+
+
 def check_schema(cfg: DictConfig | dict, root_extra: set[str] | None = None) -> dict:
     """The schema layer alone (no file or model-config access); returns the plain container."""
     plain = _container(cfg)
@@ -305,6 +326,7 @@ def check_schema(cfg: DictConfig | dict, root_extra: set[str] | None = None) -> 
     validate(Pair, plain["pair"], prefix="pair", what="a pair")
     for side in ("teacher", "student"):
         check_model_spec(f"pair.{side}", plain["pair"][side])
+    check_probe_pruning(plain["pair"])
     check_trainer(plain["trainer"])
     check_logger(plain["logger"])
     ft = plain["teacher_finetune"]

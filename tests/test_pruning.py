@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -339,9 +340,9 @@ def test_cached_pruned_builds_once_and_keys_on_what_the_ranking_reads(tmp_path):
 
 
 def test_a_prune_spec_builds_a_pruned_student_and_validates_from_config_only(tmp_path):
+    from flexkd.model_info import ModelInfo
     from flexkd.models import build_model
     from flexkd.pruning import evenly_spaced_layers
-    from flexkd.model_info import ModelInfo
     from flexkd.validation import check_model_spec
 
     def model_info(role, spec, resolve):
@@ -366,3 +367,34 @@ def test_a_prune_spec_builds_a_pruned_student_and_validates_from_config_only(tmp
                    lambda s: s)
     with pytest.raises(ConfigError, match="drop pair.student.path"):
         check_model_spec("pair.student", {**spec, "path": str(source)})
+
+
+def test_a_run_prunes_by_the_teachers_probe_and_flexkd_reuses_it(run_cli, tmp_path):
+    """pipeline: teacher -> probe (for pruning) -> pruned student -> flexkd, whose own probe is
+    the same cache entry; results.json records the pruning and the before-training metric."""
+    from flexkd.models import load_tokenizer
+    from flexkd.sources import resolve_source
+
+    tok = load_tokenizer({"tokenizer": "fixture:tiny_tokenizer"}, lambda s: resolve_source(s, tmp_path))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+                      intermediate_size=96, vocab_size=len(tok), max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    teacher_dir = tmp_path / "teacher"
+    LlamaForCausalLM(cfg).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    run = run_cli("pair=tiny_causal", "task=tiny_instruct", "strategy=flexkd", "eval.lm_eval=false",
+                  f"pair.teacher.path={teacher_dir}", "pair.teacher.init=null", "pair.teacher.tokenizer=null",
+                  "pair.student.init=null", "pair.student.tokenizer=null",
+                  f"+pair.student.prune={{from:'{teacher_dir}',hidden_size:16,num_layers:2}}")
+    results = run.results()
+    init = results["student_init"]
+    pruning = init["pruning"]
+    assert pruning["plan"]["rank_by"] == "probe" and pruning["plan"]["probe_layer"] == -1
+    assert pruning["cache_hit"] is False and pruning["kept"]["layers"] == [0, 2]
+    assert pruning["parameters"]["before"] > pruning["parameters"]["after"] == init["parameters"]
+    assert math.isfinite(init["validation"]["perplexity"]) and init["validation"]["perplexity"] > 1
+    assert results["width_ratio"] == 4.0
+    (probe,) = results["probe"]["probes"]
+    assert probe["cache_hit"] is True  # computed once, by the pruning stage
+    assert sorted(probe["selected"]) == pruning["kept"]["hidden"]  # the top-16 dims of the probe

@@ -20,6 +20,7 @@ from flexkd.data.encoding import (
 from flexkd.data.jsonl import read_jsonl
 from flexkd.data.sampling import ResumableBatchSampler
 from flexkd.data.tasks import SPLITS, TaskSpec
+from flexkd.errors import ConfigError
 from flexkd.models import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class DistillDataModule(L.LightningDataModule):
         self.label_words = label_words and task.format == "classification"
         self.bucket_by_length = bucket_by_length
         self.splits: dict[str, list[dict]] = {}
+        self.responses: dict[str, dict[int, str]] = {}  # replace_responses: split -> index -> text
 
     # -------------------------------------------------------------- encoding
     def _encode(self, row: dict, tokenizer, where: str):
@@ -98,7 +100,19 @@ class DistillDataModule(L.LightningDataModule):
     def _rows(self, split: str) -> list[dict]:
         rows = read_jsonl(self.task.split_path(split), REQUIRED_FIELDS[self.task.format])
         limit = self.task.max_examples.get(split)
-        return rows[:limit] if limit else rows
+        rows = rows[:limit] if limit else rows
+        swap = self.responses.get(split, {})
+        return [{**row, "response": swap[i]} if i in swap else row for i, row in enumerate(rows)]
+
+    def replace_responses(self, split: str, responses: dict[int, str]) -> None:
+        """Train on other answers (e.g. a teacher's generations, flexkd.strategies.seqkd):
+        example i of `split` gets `responses[i]` as its response text; the split is encoded
+        again (both tokenizers) so batches carry the new targets."""
+        if self.task.format != "instruction":
+            raise ConfigError(f"replace_responses: task {self.task.name!r} is a {self.task.format} "
+                              "task; only instruction tasks have responses")
+        self.responses[split] = dict(responses)
+        self.splits[split] = self._load_split(split)
 
     def _load_split(self, split: str) -> list[dict]:
         path = self.task.split_path(split)
