@@ -384,6 +384,7 @@ def test_a_run_prunes_by_the_teachers_probe_and_flexkd_reuses_it(run_cli, tmp_pa
     LlamaForCausalLM(cfg).save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     run = run_cli("pair=tiny_causal", "task=tiny_instruct", "strategy=flexkd", "eval.lm_eval=false",
+                  "task.main_metric=perplexity",
                   f"pair.teacher.path={teacher_dir}", "pair.teacher.init=null", "pair.teacher.tokenizer=null",
                   "pair.student.init=null", "pair.student.tokenizer=null",
                   f"+pair.student.prune={{from:'{teacher_dir}',hidden_size:16,num_layers:2}}")
