@@ -21,6 +21,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from benchmarks.tables import width_ratio_series
 from flexkd.storage import atomic_write_bytes
 
 FORMATS = ("png", "svg")
@@ -39,6 +40,9 @@ def plot_files(summary: dict, out_dir: str | Path) -> list[Path]:
             written += _save(spectra(table), f"{stem}.spectrum")
         for dim, series in numeric_sweeps(table["rows"]).items():
             written += _save(sweep(table, dim, series), f"{stem}.sweep-{_slug(dim)}")
+    for (task, metric), series in width_ratio_series(summary).items():
+        written += _save(ratio_lines(task, metric, series),
+                         str(out_dir / _slug(f"{task}_{metric}.width-ratio")))
     return written
 
 
@@ -138,6 +142,28 @@ def sweep(table: dict, dim: str, series: list[dict]) -> Figure:
     ax.set_xlabel(dim)
     ax.set_ylabel(f"student {table['metric']}")
     ax.set_title(f"{table['pair']} / {table['task']}: mean and 95% CI over seeds", fontsize=9)
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def ratio_lines(task: str, metric: str, series: list[dict]) -> Figure:
+    """Each variant's paired difference to the reference (95% CI band) vs d_T/d_S; one point
+    per pair, so the x axis spans pairs of one family at several student widths."""
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.add_subplot()
+    ax.axhline(0.0, color="black", linewidth=1)
+    for s, color in zip(series, _palette(), strict=False):
+        xs = [x for x, _ in s["points"]]
+        ax.plot(xs, [vs["mean_diff"] for _, vs in s["points"]], marker="o", color=color,
+                label=s["label"])
+        if all(_finite(*vs["ci95"]) for _, vs in s["points"]):
+            ax.fill_between(xs, [vs["ci95"][0] for _, vs in s["points"]],
+                            [vs["ci95"][1] for _, vs in s["points"]], color=color, alpha=0.2,
+                            linewidth=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width ratio d_T / d_S")
+    ax.set_ylabel(f"Δ {metric} vs {series[0]['reference']} (paired)")
+    ax.set_title(f"{task}: paired difference to {series[0]['reference']} vs width ratio", fontsize=9)
     ax.legend(loc="best", fontsize=8)
     return fig
 

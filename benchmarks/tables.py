@@ -221,7 +221,37 @@ def _row(key: tuple, runs: list[dict], metric: str | None, label: str, strategy_
         "seconds": {k: statistics.fmean(v) for k, v in timings.items()},
         "dirs": [by_seed[s].get("_dir") for s in sorted(by_seed)],
         "probe": _probe_of(first),
+        "width_ratio": _common(runs, "width_ratio"),
     }
+
+
+def _common(runs: list[dict], key: str):
+    """results[key] when every run records the same value, else None."""
+    values = {json.dumps(r.get(key)) for r in runs}
+    return runs[0].get(key) if len(values) == 1 else None
+
+
+def width_ratio_series(summary: dict) -> dict[tuple[str, str], list[dict]]:
+    """Across tables (one per pair), each variant's paired difference to its table's reference
+    vs the pair's width ratio d_T/d_S (results["width_ratio"]), per (task, metric):
+    {(task, metric): [{"label": variant, "points": [(ratio, vs)], "reference": ...}]}, for
+    tasks whose tables cover >= 2 ratios. Variants match by label across pairs."""
+    by_task: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    references: dict[tuple, set] = defaultdict(set)
+    for table in summary["tables"]:
+        for row in table["rows"]:
+            if row.get("vs") and isinstance(row.get("width_ratio"), (int, float)):
+                by_task[(table["task"], table["metric"])][row["variant"]].append(
+                    (float(row["width_ratio"]), row["vs"]))
+                references[(table["task"], table["metric"])].add(row["vs"]["reference"])
+    out = {}
+    for key, variants in sorted(by_task.items()):
+        if len({x for pts in variants.values() for x, _ in pts}) < 2:
+            continue
+        out[key] = [{"label": label, "points": sorted(pts, key=lambda p: p[0]),
+                     "reference": ", ".join(sorted(references[key]))}
+                    for label, pts in sorted(variants.items())]
+    return out
 
 
 def _coords(runs: list[dict], settings: list[dict], configs: list[dict]) -> list[dict]:

@@ -63,6 +63,8 @@ class ModelInfo:
         from transformers import AutoConfig
 
         key = f"pair.{role}"
+        if m.get("prune"):
+            return cls._from_prune_spec(role, m, resolve_at, kind)
         if m.get("path"):
             local = resolve_at(f"{key}.path", m["path"])
             try:
@@ -89,6 +91,28 @@ class ModelInfo:
         return cls(role, str(m.get("name")), width if isinstance(width, int) else None,
                    depth if isinstance(depth, int) else None, kind, vocab,
                    m.get("tokenizer") or m.get("path"), lambda: _tokenizer(role, m, resolve_at))
+
+
+    @classmethod
+    def _from_prune_spec(cls, role: str, m: dict, resolve_at, kind: str) -> ModelInfo:
+        """A pruned student's width/depth from its plan and the source's config; its vocabulary
+        and tokenizer are the source's (pruning keeps every token)."""
+        from flexkd.pruning import pruned_shape
+
+        key = f"pair.{role}.prune"
+        source = m["prune"]["from"]
+        try:
+            config, width, depth = pruned_shape(m["prune"], lambda s: resolve_at(f"{key}.from", s))
+        except ConfigError as e:
+            text = str(e)
+            where = f"pair.{role}." if text.startswith("prune") else f"{key}: "
+            raise ConfigError(text if text.startswith("pair.") else where + text) from None
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{key}.from={source!r}: cannot read its model config "
+                              f"({first_line(e)})") from None
+        spec = {**m, "tokenizer": m.get("tokenizer") or source}
+        return cls(role, str(m.get("name")), width, depth, kind, getattr(config, "vocab_size", None),
+                   spec["tokenizer"], lambda: _tokenizer(role, spec, resolve_at))
 
 
 class InitSizes(BaseModel):

@@ -232,7 +232,7 @@ class CausalLM(TaskModel):
 def load_tokenizer(spec: dict, resolve=lambda s: s):
     from transformers import AutoTokenizer
 
-    source = spec.get("tokenizer") or spec.get("path")
+    source = spec.get("tokenizer") or spec.get("path") or (spec.get("prune") or {}).get("from")
     if not source:
         raise ConfigError(f"model {spec.get('name')!r}: set `tokenizer` (a path or hub name) "
                           "when the model is randomly initialised")
@@ -290,11 +290,19 @@ def keep_layers(backbone: nn.Module, keep: list[int]) -> nn.Module:
     return backbone
 
 
-def _backbone(spec: dict, head: str, tokenizer, resolve, seed: int) -> nn.Module:
+def _backbone(spec: dict, head: str, tokenizer, resolve, seed: int, prune_inputs: dict) -> nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if head == "causal_lm" else AutoModel
     dtype = getattr(torch, spec.get("dtype") or "float32")
+    if spec.get("prune"):
+        from flexkd.pruning import load_record, pruned_source
+
+        folder, entry = pruned_source(spec["prune"], resolve, **prune_inputs)
+        model = cls.from_pretrained(folder, dtype=dtype)
+        # for results.json: what was cut and how, where it is cached, whether it was reused
+        model.flexkd_pruning = {**load_record(folder), "path": str(folder), "cache_hit": entry.cache_hit}
+        return model
     if spec.get("path"):
         model = cls.from_pretrained(resolve(str(spec["path"])), dtype=dtype)
         return keep_layers(model, list(spec["keep_layers"])) if spec.get("keep_layers") else model
@@ -316,19 +324,24 @@ def uses_label_words(pair) -> bool:
 
 
 def build_model(spec: dict, task_format: str, tokenizer, label_names=None,
-                resolve=lambda s: s, seed: int = 0, label_words: bool = False) -> TaskModel:
+                resolve=lambda s: s, seed: int = 0, label_words: bool = False,
+                cache_dir=None, calibration=None, prune_scores=None) -> TaskModel:
     """A TaskModel for `task_format` ('classification' or 'instruction') from a config spec.
 
     With `label_words`, a classification task is solved by a causal LM that writes the label's
-    name after the text (scored as multiple choice), instead of by a linear head."""
+    name after the text (scored as multiple choice), instead of by a linear head.
+    A spec with `prune: {from: ..., hidden_size: ...}` is a student pruned from a pretrained
+    model (flexkd.pruning), cached under `cache_dir`; `calibration` (batches of input_ids,
+    attention_mask) and `prune_scores` feed its ranking."""
+    prune_inputs = {"cache_root": cache_dir, "calibration_batches": calibration, "scores": prune_scores}
     if task_format == "classification" and not label_words:
-        backbone = _backbone(spec, "encoder", tokenizer, resolve, seed)
+        backbone = _backbone(spec, "encoder", tokenizer, resolve, seed, prune_inputs)
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1)
             model = SequenceClassifier(backbone, len(label_names), label_names)
         return apply_final_norm_state(model.to(backbone.dtype), spec)
     if task_format == "instruction" or label_words:
-        backbone = _backbone(spec, "causal_lm", tokenizer, resolve, seed)
+        backbone = _backbone(spec, "causal_lm", tokenizer, resolve, seed, prune_inputs)
         if not hasattr(backbone, "get_output_embeddings") or backbone.get_output_embeddings() is None:
             raise ConfigError(f"model {spec.get('name')!r} has no LM head; instruction tasks need "
                               "a causal LM (choose a decoder pair, e.g. pair=tiny_causal)")

@@ -1,6 +1,7 @@
 """The run lifecycle (DESIGN.md "Data flow"), one small function per stage.
 
-    resolve -> teacher (fine-tune, cached) -> student + data -> strategy setup (probe, cached)
+    resolve -> teacher (fine-tune, cached) -> data -> student (pruned ones: probe the teacher,
+    prune, cached) -> strategy setup (probe, cached)
     -> distill (Lightning) -> evaluate -> save student -> results.json
 """
 
@@ -127,15 +128,15 @@ def run(cfg: DictConfig) -> dict | None:
     strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
     strategy, name = build_strategy(strategy_cfg), strategy_cfg["name"]
     label_words = uses_label_words(cfg.pair)
-    student = build_model(OmegaConf.to_container(cfg.pair.student, resolve=True), task.format,
-                          student_tok, task.label_names, ctx.resolve, seed=cfg.seed,
-                          label_words=label_words)
     data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
                              num_workers=cfg.data.num_workers, label_words=label_words,
                              bucket_by_length=cfg.data.bucket_by_length,
                              alignment_pool=cfg.alignment.pool)
     data.setup()
+    with ctx.timings.stage("student"):
+        student = build_student(ctx, task, teacher, data, student_tok, label_words)
+        student_init = initial_report(ctx, task, student, student_tok, data)
 
     with ctx.timings.stage("probe"):
         setup_strategy(ctx, strategy, teacher, student, data)
@@ -174,6 +175,8 @@ def run(cfg: DictConfig) -> dict | None:
         },
         "teacher": teacher.info,
         "teacher_store": store.info,
+        "student_init": student_init,
+        "width_ratio": width_ratio(teacher.model, student),
         "train": {"steps": int(trainer.global_step),
                   "resumed_from": str(resumed_from) if resumed_from else None},
         "alignment": alignment_report(data),
@@ -188,6 +191,71 @@ def alignment_report(data: DistillDataModule) -> dict | None:
     stats = data.alignment_stats("train")
     return {"pool": data.alignment_pool,
             **(stats.to_dict() if stats is not None else {"unaligned": "a tokenizer is not fast"})}
+
+
+def build_student(ctx: RunContext, task, teacher, data, tokenizer, label_words: bool):
+    """The student. A pruned one (`pair.student.prune`) ranks its source's residual dims by the
+    teacher's Flex-KD probe (the default) and its heads/channels by activations on the first
+    64 training examples (file order)."""
+    spec = OmegaConf.to_container(ctx.cfg.pair.student, resolve=True)
+    prune = spec.get("prune")
+    calibration = scores = None
+    if prune:
+        calibration = [b["student"] for b in data.probe_dataloader(64, ctx.cfg.data.eval_batch_size)]
+        scores = pruning_probe(ctx, prune, teacher, data)
+    return build_model(spec, task.format, tokenizer, task.label_names, ctx.resolve, seed=ctx.cfg.seed,
+                       label_words=label_words, cache_dir=ctx.cache_dir, calibration=calibration,
+                       prune_scores=scores)
+
+
+def pruning_probe(ctx: RunContext, prune: dict, teacher, data):
+    """Per-dim importance of the teacher's residual stream for `prune.rank_by: probe`, or None.
+
+    The settings are the flexkd strategy's defaults (k = the student width, its probe examples
+    and batch size), so a later `strategy=flexkd` run with a matching layer/score reuses this
+    cached probe. Dims of the stream are one space through all blocks, so one layer's scores
+    (the last by default) rank them everywhere."""
+    from flexkd.importance import ProbeConfig, cached_probe
+    from flexkd.pruning import SPEC_RANKING
+    from flexkd.strategies.flexkd import FlexKD
+
+    if prune.get("rank_by", SPEC_RANKING) != "probe":
+        return None
+    knobs = FlexKD.Knobs.model_fields
+    d_t = teacher.model.hidden_size
+    cfg = ProbeConfig(layer=teacher.model.layer_index(prune.get("probe_layer", -1)),
+                      score=prune.get("probe_score", "grad"),
+                      selection=knobs["selection"].default, target=knobs["target"].default,
+                      k=min(prune.get("hidden_size") or d_t, d_t),
+                      examples=knobs["probe_examples"].default,
+                      batch_size=knobs["probe_batch_size"].default, seed=ctx.cfg.seed)
+    cfg.validate()
+    teacher.model.to(ctx.device)
+    with ctx.precision():
+        result = cached_probe(teacher.model, data.probe_dataloader(cfg.examples, cfg.batch_size), cfg,
+                              ctx.cache_dir, teacher.fingerprint, data.task.fingerprint())
+    return result.scores.detach().float().cpu()
+
+
+def initial_report(ctx: RunContext, task, student, tokenizer, data) -> dict:
+    """The student before distillation: its validation metrics (accuracy / response perplexity)
+    and, for a pruned student, the pruning record (source, plan, kept shape, parameters
+    before/after, cache path and hit)."""
+    import torch
+
+    from flexkd.evaluation.evaluate import single_token_label_ids
+
+    student.to(ctx.device)
+    with torch.random.fork_rng(), ctx.precision():  # training's random stream stays as it was
+        metrics = evaluate_model(student, data.val_dataloader(), desc="student before training",
+                                 label_ids=single_token_label_ids(student, tokenizer, task))
+    return {"validation": metrics, "parameters": total_parameters(student),
+            "pruning": getattr(student.backbone, "flexkd_pruning", None)}
+
+
+def width_ratio(teacher, student) -> float:
+    """d_T / d_S, the residual widths' ratio (a numeric dimension of the benchmark tables)."""
+    return round(teacher.hidden_size / student.hidden_size, 4)
 
 
 def setup_strategy(ctx: RunContext, strategy, teacher, student, data) -> None:

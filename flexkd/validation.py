@@ -99,6 +99,10 @@ class ModelSpec(Schema):
                               "with model_type")
     init_seed: int = Field(0, description="seed of the random init")
     keep_layers: list[int] | None = Field(None, description="keep only these blocks of a `path` model")
+    prune: dict | None = Field(None, description="a student pruned from a pretrained model: {from: "
+                               "<source>, hidden_size, num_heads, intermediate_size, "
+                               "keep_layers|num_layers, rank_by, probe_layer, probe_score} "
+                               "(flexkd.pruning)")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = Field(
         None, description="weights dtype; null: float32")
     final_norm_state: Literal["post", "pre"] = Field(
@@ -283,6 +287,14 @@ def check_task(t: dict) -> None:
 
 
 def check_model_spec(path: str, m: dict) -> None:
+    if m.get("prune"):
+        if m.get("path") or m.get("init") or m.get("keep_layers") is not None:
+            raise ConfigError(f"{path}.prune builds the model from {path}.prune.from; drop "
+                              f"{path}.path, .init and .keep_layers (use prune.keep_layers)")
+        if not m["prune"].get("from"):
+            raise ConfigError(f"{path}.prune.from is not set (the model to prune: a path, "
+                              "asset:<name> or hub name)")
+        return
     if not m.get("path") and not (m.get("init") or {}).get("model_type"):
         raise ConfigError(f"{path}: give {path}.path (a model folder, hub name or asset:<name>) "
                           f"or {path}.init.model_type (random init, e.g. bert or llama)")
@@ -292,6 +304,27 @@ def check_model_spec(path: str, m: dict) -> None:
     if m.get("keep_layers") is not None and not m.get("path"):
         raise ConfigError(f"{path}.keep_layers applies to a pretrained model; set {path}.path "
                           f"or give {path}.init.num_hidden_layers instead")
+
+
+def check_probe_pruning(pair: dict) -> None:
+    """`prune.rank_by: probe` (the default) ranks the source's dims by the teacher's probe, so
+    the source must be the teacher's own model (same dims)."""
+    from flexkd.importance import SCORES
+    from flexkd.pruning import SPEC_RANKING
+
+    prune = pair["student"].get("prune")
+    if not prune or prune.get("rank_by", SPEC_RANKING) != "probe":
+        return
+    if prune.get("from") != pair["teacher"].get("path"):
+        raise ConfigError(f"pair.student.prune.rank_by=probe ranks dims by the teacher's probe, so "
+                          f"prune.from={show(prune.get('from'))} must be the teacher's path "
+                          f"({show(pair['teacher'].get('path'))}); or set prune.rank_by=activation")
+    if prune.get("probe_score", "grad") not in SCORES:
+        raise ConfigError(f"pair.student.prune.probe_score={show(prune.get('probe_score'))} is not "
+                          f"valid; choose one of: {', '.join(SCORES)}")
+    if not isinstance(prune.get("probe_layer", -1), int):
+        raise ConfigError(f"pair.student.prune.probe_layer={show(prune.get('probe_layer'))} must be "
+                          "an integer teacher layer (-1: the last)")
 
 
 def check_schema(cfg: DictConfig | dict, root_extra: set[str] | None = None) -> dict:
@@ -307,6 +340,7 @@ def check_schema(cfg: DictConfig | dict, root_extra: set[str] | None = None) -> 
     validate(Pair, plain["pair"], prefix="pair", what="a pair")
     for side in ("teacher", "student"):
         check_model_spec(f"pair.{side}", plain["pair"][side])
+    check_probe_pruning(plain["pair"])
     check_trainer(plain["trainer"])
     check_logger(plain["logger"])
     ft = plain["teacher_finetune"]

@@ -89,6 +89,7 @@ class DistillDataModule(L.LightningDataModule):
         causal = self.label_words or task.format == "instruction"
         self.alignment_pool = (("last" if causal else "mean") if alignment_pool == "auto"
                                else alignment_pool)
+        self.responses: dict[str, dict[int, str]] = {}  # replace_responses: split -> index -> text
 
     # -------------------------------------------------------------- encoding
     def _encode(self, row: dict, tokenizer, where: str):
@@ -116,7 +117,19 @@ class DistillDataModule(L.LightningDataModule):
     def _rows(self, split: str) -> list[dict]:
         rows = read_jsonl(self.task.split_path(split), REQUIRED_FIELDS[self.task.format])
         limit = self.task.max_examples.get(split)
-        return rows[:limit] if limit else rows
+        rows = rows[:limit] if limit else rows
+        swap = self.responses.get(split, {})
+        return [{**row, "response": swap[i]} if i in swap else row for i, row in enumerate(rows)]
+
+    def replace_responses(self, split: str, responses: dict[int, str]) -> None:
+        """Train on other answers (e.g. a teacher's generations, flexkd.strategies.seqkd):
+        example i of `split` gets `responses[i]` as its response text; the split is encoded
+        again (both tokenizers) so batches carry the new targets."""
+        if self.task.format != "instruction":
+            raise ConfigError(f"replace_responses: task {self.task.name!r} is a {self.task.format} "
+                              "task; only instruction tasks have responses")
+        self.responses[split] = dict(responses)
+        self.splits[split] = self._load_split(split)
 
     def _load_split(self, split: str) -> list[dict]:
         path = self.task.split_path(split)
