@@ -211,24 +211,20 @@ def build_student(ctx: RunContext, task, teacher, data, tokenizer, label_words: 
 def pruning_probe(ctx: RunContext, prune: dict, teacher, data):
     """Per-dim importance of the teacher's residual stream for `prune.rank_by: probe`, or None.
 
-    The settings are the flexkd strategy's defaults (k = the student width, its probe examples
-    and batch size), so a later `strategy=flexkd` run with a matching layer/score reuses this
+    The settings are the probe defaults (k = the student width), which the Flex-KD strategy
+    declares as its own, so a later Flex-KD run with a matching layer/score reuses this
     cached probe. Dims of the stream are one space through all blocks, so one layer's scores
     (the last by default) rank them everywhere."""
     from flexkd.importance import ProbeConfig, cached_probe
     from flexkd.pruning import SPEC_RANKING
-    from flexkd.strategies.flexkd import FlexKD
 
     if prune.get("rank_by", SPEC_RANKING) != "probe":
         return None
-    knobs = FlexKD.Knobs.model_fields
     d_t = teacher.model.hidden_size
+    # ProbeConfig's defaults are the ones the Flex-KD strategy declares for its own probe.
     cfg = ProbeConfig(layer=teacher.model.layer_index(prune.get("probe_layer", -1)),
-                      score=prune.get("probe_score", "grad"),
-                      selection=knobs["selection"].default, target=knobs["target"].default,
-                      k=min(prune.get("hidden_size") or d_t, d_t),
-                      examples=knobs["probe_examples"].default,
-                      batch_size=knobs["probe_batch_size"].default, seed=ctx.cfg.seed)
+                      score=prune.get("probe_score", ProbeConfig.score),
+                      k=min(prune.get("hidden_size") or d_t, d_t), seed=ctx.cfg.seed)
     cfg.validate()
     teacher.model.to(ctx.device)
     with ctx.precision():

@@ -15,6 +15,7 @@ from flexkd.step import LiveTeacher, check_finite, distill_terms
 from flexkd.strategies import SetupContext, build_strategy
 from flexkd.strategies.base import Strategy
 from flexkd.training import ProgressLog
+from tests.test_strategies import ProbeData
 
 
 def classifier(hidden, seed):
@@ -34,24 +35,11 @@ def tiny_batch():
     return {"student": side, "teacher": side, "index": torch.arange(4)}
 
 
-class Batches:
-    shared = True
-    batches = [tiny_batch()]
-
-    class task:  # noqa: N801  (stands in for a TaskSpec)
-        @staticmethod
-        def fingerprint():
-            return {"task": "unit"}
-
-    def probe_dataloader(self, examples, batch_size):
-        return self.batches
-
-
 @pytest.mark.parametrize("name", ["flexkd", "projection", "cka", "logit_kd", None])
 def test_step_terms_equal_calling_the_models_by_hand(name):
     teacher, student = classifier(16, 0), classifier(8, 1).eval()
     strategy = build_strategy(name, beta=1.0, gamma=0.5) if name else Strategy()
-    strategy.setup(SetupContext(teacher=teacher, student=student, datamodule=Batches()))
+    strategy.setup(SetupContext(teacher=teacher, student=student, datamodule=ProbeData([tiny_batch()])))
     b = tiny_batch()
 
     teacher.train()  # as a trainer's .train() would leave it; the step must use eval mode
@@ -79,7 +67,7 @@ def test_teacher_is_not_asked_when_the_strategy_does_not_need_it():
 def test_teacher_outputs_carry_no_gradient_and_any_callable_can_stand_in():
     teacher, student = classifier(16, 0), classifier(8, 1).eval()
     strategy = build_strategy("logit_kd", gamma=1.0, alpha=0.0)
-    strategy.setup(SetupContext(teacher=teacher, student=student, datamodule=Batches()))
+    strategy.setup(SetupContext(teacher=teacher, student=student, datamodule=ProbeData([tiny_batch()])))
     live = LiveTeacher(teacher, strategy)
     stored = live(tiny_batch())
     assert not stored.kd_logits.requires_grad

@@ -36,10 +36,11 @@ class ProbeData:
 
     shared = True
 
-    def __init__(self):
+    def __init__(self, batches=None):
         gen = torch.Generator().manual_seed(0)
-        self.batches = [batch(torch.randint(5, 30, (4, 6), generator=gen),
-                              torch.ones(4, 6, dtype=torch.long), torch.tensor([0, 1, 0, 1]))]
+        self.batches = batches or [batch(torch.randint(5, 30, (4, 6), generator=gen),
+                                         torch.ones(4, 6, dtype=torch.long),
+                                         torch.tensor([0, 1, 0, 1]))]
 
     class task:  # noqa: N801  (stands in for a TaskSpec)
         @staticmethod

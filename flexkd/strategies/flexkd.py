@@ -32,19 +32,21 @@ class FlexKD(FeatureStrategy):
     class Knobs(FeatureStrategy.Knobs):
         # corr 'mean' starts near 1.0, below a typical task CE; 0.5 is what the measured runs used.
         beta: FeatureWeight = 0.5
-        score: Literal[SCORES] = Field("grad", description="the importance score of teacher dims")
+        score: Literal[SCORES] = Field(ProbeConfig.score,
+                                       description="the importance score of teacher dims")
         selection: Literal[SELECTIONS] = Field(
-            "coordinates", description="what the probe keeps (directions: task-tangent eigenvectors)")
-        target: Literal[TARGETS] = Field("gold", description="the probe's target (predicted: the "
-                                         "teacher's argmax)")
+            ProbeConfig.selection,
+            description="what the probe keeps (directions: task-tangent eigenvectors)")
+        target: Literal[TARGETS] = Field(ProbeConfig.target, description="the probe's target "
+                                         "(predicted: the teacher's argmax)")
         k: int | None = Field(None, ge=1, description="teacher dims to keep; null: the student width")
         feature_loss: Literal[FEATURE_LOSSES] = Field("corr", description="the feature loss")
         lam: float = Field(5e-3, ge=0, description="the off-diagonal weight of the corr loss")
         reduction: Literal["mean", "sum"] = Field("mean", description="how the feature loss is "
                                                   "reduced (mean: divide by k)")
-        probe_examples: int = Field(1024, ge=2, description="probe examples, split in two halves "
-                                    "for stability")
-        probe_batch_size: int = Field(16, ge=1, description="probe batch size")
+        probe_examples: int = Field(ProbeConfig.examples, ge=2, description="probe examples, split "
+                                    "in two halves for stability")
+        probe_batch_size: int = Field(ProbeConfig.batch_size, ge=1, description="probe batch size")
 
     def __init__(self, **knobs):
         super().__init__(**knobs)
