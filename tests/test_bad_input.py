@@ -238,7 +238,7 @@ CASES = [
                 ["optimm is not a key of the config", "did you mean optim"]),
     config_case("unknown-strategy-name", ["strategy.name=nope"],
                 ["strategy.name='nope'", "not a strategy config", "cka, flexkd, logit_kd, "
-                 "projection, raw, sft"],
+                 "projection, raw, seqkd, sft"],
                 "the name must be a strategy option (a conf/strategy/*.yaml on Hydra's search path)"),
     config_case("strategy-target-not-importable", ["strategy._target_=mine.Mirror"],
                 ["strategy._target_='mine.Mirror' cannot be imported", "PYTHONPATH"],
