@@ -22,9 +22,12 @@ install: $(STAMP)
 # The embedded default: Flex-KD and plain fine-tuning on mpnet -> MiniLM, Rotten Tomatoes,
 # CPU-sized; then a side-by-side table of the two. A killed `make run` continues where it
 # stopped when rerun; finished jobs are kept (ARGS=resume=never runs them again).
+# Only one of its two jobs asks the teacher, so a teacher-output store (one teacher pass over
+# the whole training split) cannot pay off here; it does in sweeps (make run STORE=auto).
 RUN_DIR := outputs/default
+STORE ?= off
 run: $(STAMP)
-	$(PY) run.py -m strategy=flexkd,sft hydra.sweep.dir=$(RUN_DIR) $(ARGS)
+	$(PY) run.py -m strategy=flexkd,sft teacher_store=$(STORE) hydra.sweep.dir=$(RUN_DIR) $(ARGS)
 	$(PY) -m benchmarks.tables $(RUN_DIR)
 
 test: $(STAMP)
