@@ -1,6 +1,7 @@
 """Paper-style tables from sweeps: mean +- std over seeds, and paired tests against a reference.
 
     python -m benchmarks.tables multirun/A [multirun/B ...] [--reference sft] [--metric accuracy]
+                                [--split validation] [--wandb]
 
 Reads every `results.json` below the given directories. There is one table per (pair, task,
 metric); its rows are *variants*: a strategy plus every strategy setting that differs from that
@@ -10,7 +11,9 @@ land in another variant's row. Two runs of one variant and one seed are an error
 both directories. Methods are compared on matched seeds (same seed = same student init and data
 order), so the paired difference removes the seed-to-seed variance that dominates at CPU scale.
 Writes `table.md`, `table.csv`, `summary.json` and the plots (benchmarks/plots.py) into the
-first directory.
+first directory. `--split validation` ranks on the validation metrics and chooses, per strategy
+swept over one numeric knob, its best value (benchmarks/validation_choice.py); `--wandb` (on by
+itself for runs made with logger=wandb) logs it all to one W&B run (benchmarks/wandb_report.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks.validation_choice import SPLITS, best_on_validation, choice_lines, collect, on_split
 from flexkd.errors import UserError
 from flexkd.storage import atomic_write_json, atomic_write_text
 
@@ -348,7 +352,9 @@ def markdown(summary: dict) -> str:
     blocks = []
     for t in summary["tables"]:
         ref = t["reference"]
-        head = [f"### {t['pair']} / {t['task']}: {t['metric']}" + (f" (reference: {ref})" if ref else "")]
+        split = f" on {summary['split']}" if summary.get("split", "test") != "test" else ""
+        head = [f"### {t['pair']} / {t['task']}: {t['metric']}{split}"
+                + (f" (reference: {ref})" if ref else "")]
         if t["varying_config"]:
             head.append(f"\nConfig that differs between runs: {', '.join(t['varying_config'])}")
         lines = ["", "| variant | student (mean ± std) | 95% CI | seeds | teacher | "
@@ -366,6 +372,8 @@ def markdown(summary: dict) -> str:
                 f"{_f(r['seconds'].get('distill'), 1)} |")
         if t["note"]:
             lines += ["", t["note"]]
+        if t.get("best_on_validation"):
+            lines += ["", *choice_lines(t)]
         blocks.append("\n".join(head + lines))
     return "\n\n".join(blocks)
 
@@ -397,14 +405,26 @@ def main(argv=None) -> dict:
                         help="variant label to compare against, e.g. sft or 'flexkd[score=random]' "
                              "(default: sft where a table has it)")
     parser.add_argument("--no-plots", action="store_true", help="write only the table files")
+    parser.add_argument("--split", choices=SPLITS, default="test",
+                        help="compare on the test metrics (default) or on the validation metrics, "
+                             "choosing each swept knob's value (best_on_validation in summary.json)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="log table, summary numbers and plots to one W&B run in the sweep's "
+                             "group (default: when the runs were made with logger=wandb)")
     args = parser.parse_args(argv)
-    runs = load_runs(args.dirs)
-    if not runs:
+    all_runs = load_runs(args.dirs)
+    if not all_runs:
         parser.error(f"no results.json found under {', '.join(map(str, args.dirs))}")
     try:
+        runs = on_split(all_runs, args.split, args.metric)
         summary = summarise(runs, args.metric, args.reference)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+    summary["split"] = args.split
+    if args.split == "validation":
+        for t in summary["tables"]:
+            t["best_on_validation"] = best_on_validation(t)
+        summary["best_on_validation"] = collect(summary["tables"])
     table = markdown(summary)
     out = args.dirs[0]
     atomic_write_text(out / "table.md", table + "\n")
@@ -417,6 +437,10 @@ def main(argv=None) -> dict:
     print(table)
     plots = f" and {len(summary['plots'])} plot files" if summary.get("plots") else ""
     print(f"\n{len(runs)} runs; table written to {out / 'table.md'} (csv, summary.json{plots} beside it)")
+    from benchmarks.wandb_report import log_report, made_with_wandb
+
+    if args.wandb or made_with_wandb(all_runs):
+        log_report(summary, out, all_runs)
     return summary
 
 

@@ -1,4 +1,5 @@
-"""The paper experiments compose, pair each pair with its task, and every job validates."""
+"""The paper experiments compose, pair each pair with its task, and every job validates; a beta sweep
+is chosen on the validation split (benchmarks.tables --split validation)."""
 
 import itertools
 from pathlib import Path
@@ -6,7 +7,10 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from flexkd.importance import SCORES
 from flexkd.sources import resolve_source
+from flexkd.strategies import build_strategy, variant_of
+from flexkd.strategies.flexkd import FEATURE_LOSSES
 from flexkd.validation import check_schema, validate_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -70,3 +74,81 @@ def test_each_arm_passes_full_validation_on_the_real_assets(cache_dir):
     validate_config(compose_job("experiment=paper_instruction", "+instruction_arm=seqkd"), resolve)
     cfg = compose_job("experiment=paper_instruction", "+instruction_arm=seqkd")
     assert OmegaConf.select(cfg, "pair.student.prune.rank_by") == "probe"
+
+
+# ----------------------------------------------------------------------------- issue 9
+
+CLASS_ARMS = {  # arm: (task, max_steps, batch, max_length, max_test_examples)
+    "rt_polarity": ("rt_polarity", 100, 32, 64, None),
+    "imdb": ("imdb", 100, 16, 256, 1000),
+    "bbc_topic": ("bbc_topic", 100, 16, 256, None),
+}
+STRATEGIES = {"flexkd", "projection", "cka", "logit_kd", "sft"}
+
+
+def test_classification_sweep_pairs_each_task_with_its_budget_and_every_job_validates():
+    all_jobs = jobs("paper_classification")
+    assert len(all_jobs) == 3 * 5 * 3
+    seen = set()
+    for job in all_jobs:
+        cfg = compose_job(*job)
+        check_schema(cfg)
+        arm = next(o.split("=")[1] for o in job if o.startswith("+class_arm="))
+        task, steps, batch, max_length, max_test = CLASS_ARMS[arm]
+        assert (cfg.pair.name, cfg.task.name) == ("mpnet_minilm", task)
+        assert (cfg.trainer.max_steps, cfg.data.batch_size) == (steps, batch)
+        assert (cfg.task.max_length, cfg.task.max_test_examples) == (max_length, max_test)
+        seen.add((arm, cfg.strategy.name, cfg.seed))
+    assert {s for _, s, _ in seen} == STRATEGIES
+    assert len(seen) == len(all_jobs)
+
+
+def ablation_labels(experiment: str) -> dict[str, set[int]]:
+    """Each job's variant label (as results.json records it) -> the seeds that run it."""
+    labels: dict[str, set[int]] = {}
+    for job in jobs(experiment):
+        cfg = compose_job(*job)
+        check_schema(cfg)
+        assert (cfg.pair.name, cfg.task.name, cfg.trainer.max_steps) == ("mpnet_minilm", "rt_polarity", 100)
+        label = variant_of(OmegaConf.to_container(cfg.strategy, resolve=True))["label"]
+        labels.setdefault(label, set()).add(int(cfg.seed))
+    return labels
+
+
+def test_score_ablation_gives_one_variant_per_score():
+    # grad is flexkd's default score: its runs are the plain `flexkd` row.
+    assert ablation_labels("paper_ablation_score") == {
+        label: {0, 1, 2} for label in ("flexkd", "flexkd[score=grad_x_act]", "flexkd[score=fisher]",
+                                       "flexkd[score=activation]", "flexkd[score=random]")}
+    assert set(SCORES) == {"grad", "grad_x_act", "fisher", "activation", "random"}
+
+
+def test_loss_ablation_gives_one_variant_per_feature_loss():
+    assert ablation_labels("paper_ablation_loss") == {
+        label: {0, 1, 2} for label in ("flexkd", "flexkd[feature_loss=corr_diag]",
+                                       "flexkd[feature_loss=mse]", "flexkd[feature_loss=cosine]")}
+    assert set(FEATURE_LOSSES) == {"corr", "corr_diag", "mse", "cosine"}
+
+
+def test_beta_sweep_sets_the_feature_weight_of_each_feature_strategy():
+    all_jobs = jobs("beta_sweep")
+    assert len(all_jobs) == 3 * 5 * 3
+    seen = set()
+    for job in all_jobs:
+        cfg = compose_job(*job)
+        check_schema(cfg)
+        assert (cfg.pair.name, cfg.task.name) == ("mpnet_minilm", "rt_polarity")
+        strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))
+        # The knob is the strategy's own beta: the loss weight the strategy object applies.
+        assert strategy.beta == cfg.strategy.beta
+        seen.add((cfg.strategy.name, strategy.beta, cfg.seed))
+    assert len(seen) == len(all_jobs)
+    assert {(s, b) for s, b, _ in seen} == {(s, b) for s in ("flexkd", "projection", "cka")
+                                            for b in (0.1, 0.25, 0.5, 1.0, 2.0)}
+
+
+def test_each_class_arm_passes_full_validation_on_the_real_assets(cache_dir):
+    resolve = lambda s: resolve_source(s, cache_dir)  # noqa: E731
+    for arm in CLASS_ARMS:
+        validate_config(compose_job("experiment=paper_classification", f"+class_arm={arm}",
+                                    f"cache_dir={cache_dir}"), resolve)
