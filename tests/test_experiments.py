@@ -2,8 +2,11 @@
 is chosen on the validation split (benchmarks.tables --split validation)."""
 
 import itertools
+import json
+import statistics
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -12,6 +15,7 @@ from flexkd.sources import resolve_source
 from flexkd.strategies import build_strategy, variant_of
 from flexkd.strategies.flexkd import FEATURE_LOSSES
 from flexkd.validation import check_schema, validate_config
+from tests.test_wandb_logging import read_offline_run, wandb_env  # noqa: F401 - a fixture
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 WIDTH_ARMS = {"mpnet_r2": ("mpnet_w384", "rt_polarity", 768 / 384),
@@ -152,3 +156,46 @@ def test_each_class_arm_passes_full_validation_on_the_real_assets(cache_dir):
     for arm in CLASS_ARMS:
         validate_config(compose_job("experiment=paper_classification", f"+class_arm={arm}",
                                     f"cache_dir={cache_dir}"), resolve)
+
+
+def validation_argmax(runs: list[dict], strategy: str, metric: str) -> float:
+    """The beta with the best mean validation `metric` over seeds (ties: the smaller beta)."""
+    by_beta: dict[float, list[float]] = {}
+    for r in runs:
+        if r["strategy"] == strategy:
+            by_beta.setdefault(r["config"]["strategy"]["beta"],
+                               []).append(r["metrics"]["validation"]["student"][metric])
+    return min(by_beta, key=lambda b: (-statistics.fmean(by_beta[b]), b))
+
+
+@pytest.mark.slow
+def test_tiny_beta_sweep_is_chosen_on_validation_and_reported_to_wandb(
+        run_cli, wandb_env, monkeypatch):  # noqa: F811 - the imported fixture
+    import wandb
+
+    from benchmarks import tables
+
+    run = run_cli("logger=wandb", "pair=tiny_encoder", "task=tiny_cls", "strategy=flexkd,projection",
+                  "strategy.beta=0.1,2.0", "seed=0,1", multirun=True)
+    runs = [json.loads(p.read_text()) for p in sorted(run.out_dir.glob("*/results.json"))]
+    assert len(runs) == 8
+    monkeypatch.chdir(run.out_dir.parent)  # the jobs' cwd: W&B groups are relative to it
+    for metric in ("accuracy", "macro_f1"):
+        summary = tables.main([str(run.out_dir), "--split", "validation", "--metric", metric])
+        (table,) = summary["tables"]
+        assert sorted(r["variant"] for r in table["rows"]) == [
+            "flexkd[beta=0.1]", "flexkd[beta=2.0]", "projection[beta=0.1]", "projection[beta=2.0]"]
+        for strategy in ("flexkd", "projection"):
+            chosen = summary["best_on_validation"][strategy]
+            assert chosen["knob"] == "beta"
+            assert chosen["value"] == validation_argmax(runs, strategy, metric), (metric, strategy)
+            assert chosen["variant"] == f"{strategy}[beta={chosen['value']}]"
+            assert f"chosen on validation: {strategy} beta={chosen['value']} ({metric}" in (
+                run.out_dir / "table.md").read_text()
+    wandb.teardown()
+    # Made with logger=wandb: each tables call logged a report run into the jobs' group.
+    job_groups = {read_offline_run(d)["run"].run_group for d in run.out_dir.glob("*/wandb/offline-run-*")}
+    reports = [read_offline_run(d) for d in (run.out_dir / "wandb").glob("offline-run-*")]
+    assert len(job_groups) == 1 and len(reports) == 2
+    assert {r["run"].run_group for r in reports} == job_groups
+    assert {r["summary"]["best_on_validation/flexkd/value"] for r in reports} <= {0.1, 2.0}
