@@ -99,15 +99,18 @@ def plot_key(filename: str) -> str:
     return f"{'plots' if fmt == 'png' else 'plots_' + fmt}/{stem.replace('.', '/')}"
 
 
-def log_report(summary: dict, out_dir: str | Path, runs: list[dict]) -> Path:
+def log_report(summary: dict, out_dir: str | Path, runs: list[dict]) -> Path | None:
     """Log `summary` (benchmarks.tables), out_dir/table.md and the plots named in
     summary["plots"] to one W&B run in the group of runs[0]'s job (runs not made by Hydra:
-    out_dir, relative to the cwd); returns the run's dir."""
+    out_dir, relative to the cwd); returns the run's dir (None when W&B is disabled)."""
     import wandb
 
     out_dir = Path(out_dir)
     cfg = logger_config(runs)
     mode = loggers.resolve_mode(cfg.get("mode"))
+    if mode == "disabled":
+        print("W&B is disabled (logger.mode or $WANDB_MODE): no report run logged", flush=True)
+        return None
     group = job_group(runs[0]) or loggers.group_name(out_dir.resolve(), os.getcwd())
     if wandb.run is not None:
         log.warning("finishing a W&B run left open: %s", wandb.run.name)

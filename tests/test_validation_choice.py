@@ -179,3 +179,10 @@ def test_csv_runs_log_to_wandb_only_when_asked(tmp_path, wandb_env, monkeypatch)
     assert not any(k.startswith("plots") for k in wb["summary"])
     assert wandb_report.plot_key("p_t_accuracy.sweep-beta.png") == "plots/p_t_accuracy/sweep-beta"
     assert wandb_report.plot_key("t_rougeL.width-ratio.svg") == "plots_svg/t_rougeL/width-ratio"
+
+
+def test_disabled_wandb_logs_no_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    beta_sweep(tmp_path, logger={"name": "wandb", "mode": None})
+    tables.main([str(tmp_path), "--no-plots"])
+    assert not (tmp_path / "wandb").exists()
