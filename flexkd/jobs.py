@@ -123,8 +123,9 @@ def run_job(cfg: DictConfig) -> float:
 def _stage(cfg: DictConfig):
     from flexkd.errors import ConfigError
     from flexkd.pipeline import evaluate_only, run
+    from flexkd.removal import run_removal
 
-    stages = {"train": run, "eval": evaluate_only}
+    stages = {"train": run, "eval": evaluate_only, "removal": run_removal}
     if cfg.stage not in stages:
         raise ConfigError(f"stage={cfg.stage!r}; choose one of {sorted(stages)}")
     return stages[cfg.stage]

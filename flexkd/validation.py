@@ -176,6 +176,37 @@ class Alignment(Schema):
                                      "when more of its characters are covered on one side only")
 
 
+class Removal(Schema):
+    grid: list[int] | None = Field(None, description="m values (0..d_T); null: 0 and d_T/64 .. d_T/2")
+    random_draws: int = Field(3, ge=1, description="seeded random-m draws per m")
+    fill: Literal["zero", "mean"] = Field("zero", description="what a removed dim becomes: zero, "
+                                          "or its mean over the probe data")
+
+
+def check_removal(plain: dict, resolve) -> None:
+    """The removal group's schema; for stage=removal also its task, strategy and grid."""
+    validate(Removal, plain.get("removal") or {}, prefix="removal", what="the removal stage")
+    if plain.get("stage") != "removal":
+        return
+    grid = (plain.get("removal") or {}).get("grid") or []
+    if plain["task"]["format"] != "classification":
+        raise ConfigError(f"stage=removal measures a classification teacher's accuracy; task "
+                          f"{plain['task']['name']} is an {plain['task']['format']} task (choose a "
+                          "classification task)")
+    from flexkd.strategies.flexkd import FlexKD
+
+    if not isinstance(build_strategy(plain["strategy"]), FlexKD):
+        raise ConfigError(f"stage=removal ranks dims with the Flex-KD probe; strategy="
+                          f"{plain['strategy'].get('name')} has none (use strategy=flexkd)")
+    if negative := [m for m in grid if m < 0]:
+        raise ConfigError(f"removal.grid={grid}: {negative[0]} is negative; use m values in 0..d_T")
+    width = ModelInfo.from_spec("teacher", plain["pair"]["teacher"],
+                                functools.partial(_resolve, resolve=resolve)).width
+    if width is not None and (big := [m for m in grid if m > width]):
+        raise ConfigError(f"removal.grid={grid}: {big[0]} exceeds the teacher width d_T={width}; use "
+                          "values up to d_T, or removal.grid=null for the automatic grid")
+
+
 class Root(Schema):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="the run's seed")
     cache_dir: str | None = Field(None, description="cache root; null: $FLEXKD_CACHE or "
@@ -481,3 +512,4 @@ def validate_config(cfg: DictConfig, resolve=lambda s: s) -> None:
     check_cache_dir(plain.get("cache_dir"))
     check_task_files(plain["task"], resolve)
     check_pair(plain, resolve)
+    check_removal(plain, resolve)
