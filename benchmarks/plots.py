@@ -4,7 +4,8 @@ Per table: the variants as bars with the 95% t-interval over seeds; a forest plo
 differences to the reference; the probe's sorted score spectrum with k_p marked; and for every
 sweep over one numeric setting (beta, optim.lr, task.max_train_examples...) mean vs value with a
 95% band. Per stage=removal run: the teacher's metric vs m with top-m, bottom-m and random-m
-dims removed (random: mean with a ±std band). `plot_files(summary, out_dir)` is the one entry point (a W&B logger can log the files).
+dims removed (random: mean with a ±std band). `plot_files(summary, out_dir)` is the one entry
+point (a W&B logger can log the files).
 
 Figures are built with matplotlib's object API (no pyplot), so plotting never touches a global
 backend or figure registry: safe inside a training process and in tests, no display needed.

@@ -454,7 +454,8 @@ def main(argv=None) -> dict:
     atomic_write_json(out / "summary.json", summary)
     print(table)
     plots = f" and {len(summary['plots'])} plot files" if summary.get("plots") else ""
-    print(f"\n{len(runs) + len(removal_runs)} runs; table written to {out / 'table.md'} (csv, summary.json{plots} beside it)")
+    print(f"\n{len(runs) + len(removal_runs)} runs; table written to {out / 'table.md'} "
+          f"(csv, summary.json{plots} beside it)")
     return summary
 
 

@@ -194,7 +194,8 @@ def removals(order: torch.Tensor, grid: list[int], draws: int, seed: int,
     item i (None: items are coordinates). Random draw r is a seeded permutation whose first
     m items are removed, so the random sets grow with m."""
     d = order.numel()
-    perms = [torch.randperm(d, generator=torch.Generator().manual_seed(seed * 1000 + r)) for r in range(draws)]
+    perms = [torch.randperm(d, generator=torch.Generator().manual_seed(seed * 1000 + r))
+             for r in range(draws)]
 
     def make(kind, m, items, draw=None):
         if basis is None:
@@ -388,5 +389,6 @@ def run_removal(cfg: DictConfig) -> dict:
     return report(ctx, {
         "stage": "removal", "pair": cfg.pair.name, "task": task.name, "strategy": strategy_cfg["name"],
         "seed": int(cfg.seed), "main_metric": main,
-        "metrics": {"teacher": baseline}, "removal": removal, "probe": {"probes": [probe.diagnostics()]}, "teacher": teacher.info,
+        "metrics": {"teacher": baseline}, "removal": removal,
+        "probe": {"probes": [probe.diagnostics()]}, "teacher": teacher.info,
     })

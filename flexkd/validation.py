@@ -26,7 +26,7 @@ import functools
 import inspect
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -177,15 +177,16 @@ class Alignment(Schema):
 
 
 class Removal(Schema):
-    grid: list[int] | None = Field(None, description="m values (0..d_T); null: 0 and d_T/64 .. d_T/2")
+    grid: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="m values (0..d_T); null: 0 and d_T/64 .. d_T/2")
     random_draws: int = Field(3, ge=1, description="seeded random-m draws per m")
     fill: Literal["zero", "mean"] = Field("zero", description="what a removed dim becomes: zero, "
                                           "or its mean over the probe data")
 
 
-def check_removal(plain: dict, resolve) -> None:
-    """The removal group's schema; for stage=removal also its task, strategy and grid."""
-    validate(Removal, plain.get("removal") or {}, prefix="removal", what="the removal stage")
+def check_removal_stage(plain: dict, resolve) -> None:
+    """stage=removal: a classification task, a Flex-KD strategy (its probe ranks the dims) and
+    a grid within the teacher width (read from its config)."""
     if plain.get("stage") != "removal":
         return
     grid = (plain.get("removal") or {}).get("grid") or []
@@ -198,8 +199,6 @@ def check_removal(plain: dict, resolve) -> None:
     if not isinstance(build_strategy(plain["strategy"]), FlexKD):
         raise ConfigError(f"stage=removal ranks dims with the Flex-KD probe; strategy="
                           f"{plain['strategy'].get('name')} has none (use strategy=flexkd)")
-    if negative := [m for m in grid if m < 0]:
-        raise ConfigError(f"removal.grid={grid}: {negative[0]} is negative; use m values in 0..d_T")
     width = ModelInfo.from_spec("teacher", plain["pair"]["teacher"],
                                 functools.partial(_resolve, resolve=resolve)).width
     if width is not None and (big := [m for m in grid if m > width]):
@@ -374,6 +373,7 @@ def check_schema(cfg: DictConfig | dict, root_extra: set[str] | None = None) -> 
     check_probe_pruning(plain["pair"])
     check_trainer(plain["trainer"])
     check_logger(plain["logger"])
+    validate(Removal, plain.get("removal") or {}, prefix="removal", what="the removal stage")
     ft = plain["teacher_finetune"]
     if ft.get("enabled", True):
         for key in ("max_steps", "batch_size", "lr"):
@@ -512,4 +512,4 @@ def validate_config(cfg: DictConfig, resolve=lambda s: s) -> None:
     check_cache_dir(plain.get("cache_dir"))
     check_task_files(plain["task"], resolve)
     check_pair(plain, resolve)
-    check_removal(plain, resolve)
+    check_removal_stage(plain, resolve)

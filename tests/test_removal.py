@@ -75,7 +75,7 @@ def test_cached_replay_equals_full_forward_with_a_masking_hook(name):
                 # The replay must not run the blocks below the site: spy on block 0's attention.
                 calls = []
                 first = next(iter(transformer_blocks(model.backbone)[0].children()))
-                spy = first.register_forward_hook(lambda *a: calls.append(1))
+                spy = first.register_forward_hook(lambda *a, c=calls: c.append(1))
                 try:
                     replayed = site.replay(inputs, edit.apply(h, fill)).logits
                 finally:
@@ -164,6 +164,7 @@ def compose_job(*overrides):
 
 @pytest.mark.parametrize("override, message", [
     ("removal.grid=[0,4,500]", "removal.grid=[0, 4, 500]: 500 exceeds the teacher width d_T=128"),
+    ("removal.grid=[0,-4]", "removal.grid[1]=-4 is out of range: it must be >= 0"),
     ("removal.random_draws=0", "removal.random_draws"),
     ("removal.fill=median", "removal.fill"),
     ("strategy=projection", "stage=removal ranks dims with the Flex-KD probe"),
@@ -205,3 +206,73 @@ def test_removal_stage_end_to_end_with_table_and_plots(run_cli):
     assert len(summary["removal"]) == 2
     plots = sorted(p for p in summary["plots"] if ".removal" in p)
     assert len(plots) == 4 and all((run.out_dir / p).stat().st_size > 0 for p in plots)
+
+
+class StandInData:
+    """The slice of a datamodule that the Flex-KD setup reads."""
+
+    shared = True
+    tokenizers: dict = {}
+
+    class task:  # noqa: N801  (stands in for a TaskSpec)
+        @staticmethod
+        def fingerprint():
+            return {"task": "unit"}
+
+    def probe_dataloader(self, examples, batch_size):
+        side = {**batch(n=6, seed=3), "labels": torch.tensor([0, 1, 2, 0, 1, 2])}
+        return [{"student": side, "teacher": side, "index": torch.arange(6)}]
+
+
+@pytest.mark.parametrize("selection", ["coordinates", "directions"])
+def test_probe_is_the_flexkd_strategys_own_cache_entry(selection, tmp_path):
+    from flexkd.importance import cached_probe
+    from flexkd.removal import probe_config
+    from flexkd.strategies import SetupContext, build_strategy
+    from flexkd.strategies.base import load_strategy_config
+
+    teacher, data = bert(), StandInData()
+    torch.manual_seed(1)
+    student = SequenceClassifier(BertModel(BertConfig(**{**SMALL, "hidden_size": 8})), 3).eval()
+    knobs = dict(selection=selection, probe_examples=6, probe_batch_size=6)
+    strategy = build_strategy(load_strategy_config("flexkd"), **knobs)
+    strategy.setup(SetupContext(teacher=teacher, student=student, datamodule=data,
+                                cache_dir=str(tmp_path), teacher_fingerprint="t", seed=0))
+    cfg = probe_config(build_strategy(load_strategy_config("flexkd"), **knobs), teacher, 8, seed=0)
+    probe = cached_probe(teacher, data.probe_dataloader(6, 6), cfg, tmp_path, "t", data.task.fingerprint())
+    assert cfg.layer == 3
+    if selection == "coordinates":  # the train run's entry itself
+        assert probe.cache_hit and probe.key == strategy.probes[0]["key"] and cfg.k == 8
+    else:  # bottom-m directions need the full eigenbasis: k = d_T, all 16 columns
+        assert cfg.k == 16 and probe.selection.shape == (16, 16)
+        torch.testing.assert_close(probe.selection[:, :8].abs(), strategy.selection_0.abs(),
+                                   rtol=0, atol=1e-5)
+
+
+def test_mean_fill_is_the_probe_datas_token_mean():
+    from flexkd.removal import probe_mean
+
+    model, data = bert(), StandInData()
+    site = StateSite(model, 1)
+    loader = data.probe_dataloader(6, 6)
+    mean = probe_mean(site, loader, torch.device("cpu"))
+    with torch.no_grad():
+        inputs = loader[0]["teacher"]
+        h = model(inputs, layers=(1,)).hidden[1]
+    want = h[inputs["attention_mask"].bool()].mean(0)
+    torch.testing.assert_close(mean, want, rtol=1e-5, atol=1e-6)
+    edited = Removal("top", 2, dims=torch.tensor([4, 7])).apply(h, mean)
+    assert (edited[..., 4] == mean[4]).all() and (edited[..., 7] == mean[7]).all()
+
+
+@pytest.mark.slow
+def test_removal_stage_on_a_label_word_decoder_at_a_middle_layer_with_mean_fill(run_cli):
+    run = run_cli("stage=removal", "pair=tiny_causal", "task=tiny_cls", "removal.grid=[0,4,64]",
+                  "removal.fill=mean", "removal.random_draws=2", "strategy.probe_examples=32",
+                  "strategy.layer_pairs=[[-1,2]]")
+    r = run.results()
+    rem = r["removal"]
+    assert rem["layer"] == 2 and rem["fill"] == "mean" and rem["d"] == 128 and rem["m"] == [0, 4, 64]
+    assert rem["top"][0] == rem["baseline"] == pytest.approx(rem["teacher_test"], abs=1e-6)
+    assert all(0.0 <= v <= 1.0 for v in rem["top"] + rem["bottom"] + rem["random_mean"])
+    assert "fill_mean" in r["timings"]
