@@ -53,6 +53,9 @@ def config_fingerprint(cfg: DictConfig) -> str:
             node = node.get(parent) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
+    if plain.get("stage") != "removal":
+        # Another stage's settings: a train job keeps the identity it had before they existed.
+        plain.pop("removal", None)
     return content_hash(plain)
 
 

@@ -237,11 +237,21 @@ def probe_mean(site: StateSite, loader, device) -> torch.Tensor:
     return (total / max(count, 1)).float()
 
 
+def _passes(loader, plan: list[Removal], device):
+    """(inputs, None) for a batch's full forward, then (inputs, i) for each removal i."""
+    for batch in loader:
+        inputs = {k: v.to(device) for k, v in batch["teacher"].items()}
+        yield inputs, None
+        for i in range(len(plan)):
+            yield inputs, i
+
+
 @torch.no_grad()
 def measure(site: StateSite, loader, plan: list[Removal], fill: torch.Tensor, device,
-            label_ids: list[int] | None = None, desc: str = "removal") -> dict:
+            label_ids: list[int] | None = None, desc: str = "removal (forward passes)") -> dict:
     """Per removal (by position in `plan`) the (pred, gold) over the loader, plus the
-    unablated full forward's under "baseline"."""
+    unablated full forward's under "baseline". Progress counts passes (a full forward or a
+    replay), so a long batch at a middle layer still logs its lines."""
     from flexkd.progress import progress
 
     model = site.model
@@ -249,16 +259,18 @@ def measure(site: StateSite, loader, plan: list[Removal], fill: torch.Tensor, de
     model.eval()
     preds = {i: [] for i in range(len(plan))} | {"baseline": []}
     golds = []
+    fill = fill.to(device)
     try:
-        for batch in progress(loader, desc):
-            inputs = {k: v.to(device) for k, v in batch["teacher"].items()}
-            out, h = site.capture(inputs)
-            pred, gold = predictions(model, out, inputs, label_ids)
-            preds["baseline"].append(pred.cpu())
-            golds.append(gold.cpu())
-            for i, removal in enumerate(plan):
-                replayed = site.replay(inputs, removal.apply(h, fill.to(h.device)))
-                preds[i].append(predictions(model, replayed, inputs, label_ids)[0].cpu())
+        for inputs, i in progress(_passes(loader, plan, device), desc,
+                                  total=len(loader) * (len(plan) + 1)):
+            if i is None:
+                out, h = site.capture(inputs)
+                pred, gold = predictions(model, out, inputs, label_ids)
+                preds["baseline"].append(pred.cpu())
+                golds.append(gold.cpu())
+                continue
+            replayed = site.replay(inputs, plan[i].apply(h, fill))
+            preds[i].append(predictions(model, replayed, inputs, label_ids)[0].cpu())
     finally:
         model.train(was_training)
     gold = torch.cat(golds)

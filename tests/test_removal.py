@@ -276,3 +276,23 @@ def test_removal_stage_on_a_label_word_decoder_at_a_middle_layer_with_mean_fill(
     assert rem["top"][0] == rem["baseline"] == pytest.approx(rem["teacher_test"], abs=1e-6)
     assert all(0.0 <= v <= 1.0 for v in rem["top"] + rem["bottom"] + rem["random_mean"])
     assert "fill_mean" in r["timings"]
+
+
+def test_removal_settings_are_part_of_a_removal_jobs_identity_only():
+    from flexkd.jobs import config_fingerprint
+
+    def fingerprint(*overrides):
+        return config_fingerprint(compose_job("pair=tiny_encoder", "task=tiny_cls", *overrides))
+
+    assert fingerprint() == fingerprint("removal.fill=mean")
+    assert fingerprint("stage=removal") != fingerprint("stage=removal", "removal.fill=mean")
+    cfg = compose_job("pair=tiny_encoder", "task=tiny_cls")
+    from omegaconf import OmegaConf
+
+    from flexkd.storage import content_hash
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("removal", "cache_dir", "resume", "debug", "output_dir"):
+        plain.pop(key, None)
+    plain["trainer"].pop("enable_progress_bar", None)
+    assert fingerprint() == content_hash(plain)  # as before the removal group existed
