@@ -3,7 +3,9 @@
 Per table: the variants as bars with the 95% t-interval over seeds; a forest plot of the paired
 differences to the reference; the probe's sorted score spectrum with k_p marked; and for every
 sweep over one numeric setting (beta, optim.lr, task.max_train_examples...) mean vs value with a
-95% band. `plot_files(summary, out_dir)` is the one entry point (a W&B logger can log the files).
+95% band. Per stage=removal run: the teacher's metric vs m with top-m, bottom-m and random-m
+dims removed (random: mean with a ±std band). `plot_files(summary, out_dir)` is the one entry
+point (a W&B logger can log the files).
 
 Figures are built with matplotlib's object API (no pyplot), so plotting never touches a global
 backend or figure registry: safe inside a training process and in tests, no display needed.
@@ -43,6 +45,9 @@ def plot_files(summary: dict, out_dir: str | Path) -> list[Path]:
     for (task, metric), series in width_ratio_series(summary).items():
         written += _save(ratio_lines(task, metric, series),
                          str(out_dir / _slug(f"{task}_{metric}.width-ratio")))
+    for entry in summary.get("removal", []):
+        written += _save(removal(entry), str(out_dir / _slug(
+            f"{entry['pair']}_{entry['task']}_{entry['metric']}.removal-{entry['label']}")))
     return written
 
 
@@ -164,6 +169,28 @@ def ratio_lines(task: str, metric: str, series: list[dict]) -> Figure:
     ax.set_xlabel("width ratio d_T / d_S")
     ax.set_ylabel(f"Δ {metric} vs {series[0]['reference']} (paired)")
     ax.set_title(f"{task}: paired difference to {series[0]['reference']} vs width ratio", fontsize=9)
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def removal(entry: dict) -> Figure:
+    """The teacher's metric vs m removed dims: top-m, bottom-m, random-m (mean, ±std band)."""
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.add_subplot()
+    ms = entry["m"]
+    ax.axhline(entry["baseline"], color="gray", linestyle="--", label="unablated teacher")
+    ax.plot(ms, entry["top"], marker="o", color="#d62728", label="top-m removed")
+    ax.plot(ms, entry["bottom"], marker="o", color="#2ca02c", label="bottom-m removed")
+    mean, std = entry["random_mean"], entry["random_std"]
+    ax.plot(ms, mean, marker="o", color="#1f77b4",
+            label=f"random-m removed ({len(entry['random'][0])} draws, ± std)")
+    ax.fill_between(ms, [a - b for a, b in zip(mean, std, strict=True)],
+                    [a + b for a, b in zip(mean, std, strict=True)], color="#1f77b4", alpha=0.2,
+                    linewidth=0)
+    ax.set_xlabel(f"m ({'eigen-directions' if entry['selection'] == 'directions' else 'dims'} removed "
+                  f"of d={entry['d']} at layer {entry['layer']})")
+    ax.set_ylabel(f"teacher {entry['metric']}")
+    ax.set_title(f"{entry['pair']} / {entry['task']}: {entry['label']}", fontsize=9)
     ax.legend(loc="best", fontsize=8)
     return fig
 

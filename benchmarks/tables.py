@@ -14,6 +14,8 @@ Writes `table.md`, `table.csv`, `summary.json` and the plots (benchmarks/plots.p
 first directory. `--split validation` ranks on the validation metrics and chooses, per strategy
 swept over one numeric knob, its best value (benchmarks/validation_choice.py); `--wandb` (on by
 itself for runs made with logger=wandb) logs it all to one W&B run (benchmarks/wandb_report.py).
+Runs of `stage=removal` (results with `removal`) get one table each instead: the teacher's
+metric per m with the top-m, bottom-m and random-m probe-ranked dims removed.
 """
 
 from __future__ import annotations
@@ -378,6 +380,38 @@ def markdown(summary: dict) -> str:
     return "\n\n".join(blocks)
 
 
+def removal_summary(runs: list[dict]) -> list[dict]:
+    """One entry per stage=removal run: its curves (results["removal"]) and a label that names
+    what the curves depend on; two runs with one label are an error naming both."""
+    entries, dirs = [], {}
+    for r in sorted(runs, key=lambda r: (r["pair"], r["task"], r.get("_dir", ""))):
+        rem = r["removal"]
+        label = (f"{rem['selection']}, score={rem['score']}, fill={rem['fill']}, layer {rem['layer']}, "
+                 f"seed {r['seed']}")
+        key = (r["pair"], r["task"], label)
+        if key in dirs:
+            raise DuplicateRunError(f"two removal runs of {label!r} in {r['pair']}/{r['task']}: "
+                                    f"{dirs[key]} and {r.get('_dir')}; pass only one of their directories")
+        dirs[key] = r.get("_dir")
+        entries.append({"pair": r["pair"], "task": r["task"], "metric": r.get("main_metric"),
+                        "label": label, "seed": r["seed"], "dir": r.get("_dir"), **rem})
+    return entries
+
+
+def removal_markdown(entries: list[dict]) -> str:
+    blocks = []
+    for e in entries:
+        lines = [f"### {e['pair']} / {e['task']}: teacher {e['metric']} with probe-ranked dims removed "
+                 f"({e['label']}; d={e['d']})", "",
+                 f"Unablated teacher: {_f(e['baseline'])}; random: {len(e['random'][0])} draws.", "",
+                 "| m | top-m removed | bottom-m removed | random-m mean ± std |", "|---|---|---|---|"]
+        for i, m in enumerate(e["m"]):
+            lines.append(f"| {m} | {_f(e['top'][i])} | {_f(e['bottom'][i])} | "
+                         f"{_f(e['random_mean'][i])} ± {_f(e['random_std'][i])} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def to_csv(summary: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -415,9 +449,14 @@ def main(argv=None) -> dict:
     all_runs = load_runs(args.dirs)
     if not all_runs:
         parser.error(f"no results.json found under {', '.join(map(str, args.dirs))}")
+    removal_runs = [r for r in all_runs if r.get("removal")]
+    train_runs = [r for r in all_runs if not r.get("removal")]
     try:
-        runs = on_split(all_runs, args.split, args.metric)
-        summary = summarise(runs, args.metric, args.reference)
+        runs = on_split(train_runs, args.split, args.metric) if train_runs else []
+        summary = (summarise(runs, args.metric, args.reference) if runs else
+                   {"metric": args.metric, "reference": args.reference, "tables": []})
+        if removal_runs:
+            summary["removal"] = removal_summary(removal_runs)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
     summary["split"] = args.split
@@ -425,7 +464,7 @@ def main(argv=None) -> dict:
         for t in summary["tables"]:
             t["best_on_validation"] = best_on_validation(t)
         summary["best_on_validation"] = collect(summary["tables"])
-    table = markdown(summary)
+    table = "\n\n".join(t for t in (markdown(summary), removal_markdown(summary.get("removal", []))) if t)
     out = args.dirs[0]
     atomic_write_text(out / "table.md", table + "\n")
     atomic_write_text(out / "table.csv", to_csv(summary))
@@ -436,7 +475,7 @@ def main(argv=None) -> dict:
     atomic_write_json(out / "summary.json", summary)
     print(table)
     plots = f" and {len(summary['plots'])} plot files" if summary.get("plots") else ""
-    print(f"\n{len(runs)} runs; table written to {out / 'table.md'} (csv, summary.json{plots} beside it)")
+    print(f"\n{len(all_runs)} runs; table written to {out / 'table.md'} (csv, summary.json{plots} beside it)")
     from benchmarks.wandb_report import log_report, made_with_wandb
 
     if args.wandb or made_with_wandb(all_runs):

@@ -53,6 +53,9 @@ def config_fingerprint(cfg: DictConfig) -> str:
             node = node.get(parent) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
+    if plain.get("stage") != "removal":
+        # Another stage's settings: a train job keeps the identity it had before they existed.
+        plain.pop("removal", None)
     return content_hash(plain)
 
 
@@ -123,8 +126,9 @@ def run_job(cfg: DictConfig) -> float:
 def _stage(cfg: DictConfig):
     from flexkd.errors import ConfigError
     from flexkd.pipeline import evaluate_only, run
+    from flexkd.removal import run_removal
 
-    stages = {"train": run, "eval": evaluate_only}
+    stages = {"train": run, "eval": evaluate_only, "removal": run_removal}
     if cfg.stage not in stages:
         raise ConfigError(f"stage={cfg.stage!r}; choose one of {sorted(stages)}")
     return stages[cfg.stage]

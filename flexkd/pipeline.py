@@ -358,5 +358,7 @@ def evaluate_only(cfg: DictConfig) -> dict:
 
 
 def main_metric(results: dict) -> float:
-    """The sweep objective: the student's main test metric."""
-    return float(results["metrics"]["student"][results["main_metric"]])
+    """The sweep objective: the student's main test metric (the teacher's for stage=removal,
+    which has no student)."""
+    side = "student" if "student" in results["metrics"] else "teacher"
+    return float(results["metrics"][side][results["main_metric"]])

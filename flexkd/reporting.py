@@ -48,7 +48,8 @@ def summary_table(results: dict) -> str:
     main = results.get("main_metric")
     lines = [f"flexkd  pair={results['pair']}  task={results['task']}  "
              f"strategy={results['strategy']}  seed={results['seed']}"]
-    rows = [("teacher (test)", metrics.get("teacher", {})), ("student (test)", metrics["student"])]
+    rows = [("teacher (test)", metrics.get("teacher", {}))] + (
+        [("student (test)", metrics["student"])] if "student" in metrics else [])  # removal: none
     keys = [k for k in ("accuracy", "macro_f1", "loss", "perplexity", "rougeL") if
             any(k in m for _, m in rows)]
     lines.append(f"  {'model':<22}" + "".join(f"{k:>12}" for k in keys))
@@ -57,7 +58,8 @@ def summary_table(results: dict) -> str:
     lines.append("  timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
                                               results["timings"].items()))
     if main:
-        lines.append(f"  main metric: student {main} = {_fmt(metrics['student'].get(main))}")
+        side = "student" if "student" in metrics else "teacher"
+        lines.append(f"  main metric: {side} {main} = {_fmt(metrics[side].get(main))}")
     lines.append(f"  results: {results['paths']['results']}")
     lines.append(f"  logs:    {results['paths']['logs']}")
     return "\n".join(lines)

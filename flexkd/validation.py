@@ -26,7 +26,7 @@ import functools
 import inspect
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -174,6 +174,36 @@ class Alignment(Schema):
     check_examples: int = Field(64, ge=1, description="training examples aligned in pre-flight")
     max_dropped_share: float = Field(0.1, ge=0, le=1, description="an example fails pre-flight "
                                      "when more of its characters are covered on one side only")
+
+
+class Removal(Schema):
+    grid: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="m values (0..d_T); null: 0 and d_T/64 .. d_T/2")
+    random_draws: int = Field(3, ge=1, description="seeded random-m draws per m")
+    fill: Literal["zero", "mean"] = Field("zero", description="what a removed dim becomes: zero, "
+                                          "or its mean over the probe data")
+
+
+def check_removal_stage(plain: dict, resolve) -> None:
+    """stage=removal: a classification task, a Flex-KD strategy (its probe ranks the dims) and
+    a grid within the teacher width (read from its config)."""
+    if plain.get("stage") != "removal":
+        return
+    grid = (plain.get("removal") or {}).get("grid") or []
+    if plain["task"]["format"] != "classification":
+        raise ConfigError(f"stage=removal measures a classification teacher's accuracy; task "
+                          f"{plain['task']['name']} is an {plain['task']['format']} task (choose a "
+                          "classification task)")
+    from flexkd.strategies.flexkd import FlexKD
+
+    if not isinstance(build_strategy(plain["strategy"]), FlexKD):
+        raise ConfigError(f"stage=removal ranks dims with the Flex-KD probe; strategy="
+                          f"{plain['strategy'].get('name')} has none (use strategy=flexkd)")
+    width = ModelInfo.from_spec("teacher", plain["pair"]["teacher"],
+                                functools.partial(_resolve, resolve=resolve)).width
+    if width is not None and (big := [m for m in grid if m > width]):
+        raise ConfigError(f"removal.grid={grid}: {big[0]} exceeds the teacher width d_T={width}; use "
+                          "values up to d_T, or removal.grid=null for the automatic grid")
 
 
 class Root(Schema):
@@ -343,6 +373,7 @@ def check_schema(cfg: DictConfig | dict, root_extra: set[str] | None = None) -> 
     check_probe_pruning(plain["pair"])
     check_trainer(plain["trainer"])
     check_logger(plain["logger"])
+    validate(Removal, plain.get("removal") or {}, prefix="removal", what="the removal stage")
     ft = plain["teacher_finetune"]
     if ft.get("enabled", True):
         for key in ("max_steps", "batch_size", "lr"):
@@ -481,3 +512,4 @@ def validate_config(cfg: DictConfig, resolve=lambda s: s) -> None:
     check_cache_dir(plain.get("cache_dir"))
     check_task_files(plain["task"], resolve)
     check_pair(plain, resolve)
+    check_removal_stage(plain, resolve)
