@@ -70,3 +70,20 @@ def test_each_arm_passes_full_validation_on_the_real_assets(cache_dir):
     validate_config(compose_job("experiment=paper_instruction", "+instruction_arm=seqkd"), resolve)
     cfg = compose_job("experiment=paper_instruction", "+instruction_arm=seqkd")
     assert OmegaConf.select(cfg, "pair.student.prune.rank_by") == "probe"
+
+
+def test_low_data_sweep_crosses_three_fractions_with_three_strategies_and_seeds():
+    all_jobs = jobs("paper_low_data")
+    assert len(all_jobs) == 3 * 3 * 3
+    seen = set()
+    for job in all_jobs:
+        cfg = compose_job(*job)
+        check_schema(cfg)
+        assert (cfg.pair.name, cfg.task.name, cfg.trainer.max_steps) == ("mpnet_minilm", "rt_polarity", 100)
+        assert (cfg.teacher_store, cfg.data.subset_seed) == ("auto", 0)
+        # The teacher is the full-data one `make run` builds: its settings are the defaults.
+        assert cfg.teacher_finetune == compose_job().teacher_finetune
+        seen.add((cfg.strategy.name, cfg.data.train_fraction, cfg.seed))
+    assert {s for s, _, _ in seen} == {"flexkd", "projection", "sft"}
+    assert {f for _, f, _ in seen} == {0.01, 0.05, 0.2}
+    assert len(seen) == len(all_jobs)  # no two jobs alike

@@ -4,14 +4,6 @@ are keyed by it, and f = 1.0 changes no key; tables pair each fraction with sft 
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -150,42 +142,64 @@ def test_a_small_fraction_trains_max_steps_over_several_epochs_on_the_full_data_
     assert low["config"]["data"]["train_fraction"] == F_68
 
 
+def test_every_epoch_reshuffles_and_loaders_leave_the_global_rng_alone():
+    """Lightning sets the epoch on a loader's `sampler` and its batch sampler's `sampler` only;
+    the loaders' iterators must not draw from the global RNG (dropout's), or a run resumed at an
+    epoch's end would draw once less than an uninterrupted one."""
+    import torch
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    loader = module(tiny_task().with_train_subset(F_68, 0)).train_dataloader()
+    epochs = []
+    for epoch in (0, 1):
+        _set_sampler_epoch(loader, epoch)
+        before = torch.get_rng_state()
+        epochs.append([b["index"].tolist() for b in loader])
+        assert torch.equal(torch.get_rng_state(), before)
+    assert epochs == [loader.batch_sampler.batches(0), loader.batch_sampler.batches(1)]
+    assert epochs[0] != epochs[1]
+    assert sorted(i for b in epochs[1] for i in b) == list(range(68))
+
+
+class Interrupted(Exception):
+    pass
+
+
 @pytest.mark.slow
-def test_a_run_on_a_small_subset_killed_mid_training_resumes_to_the_same_result(tmp_path, cache_dir):
-    """30 steps over 3-batch epochs: the kill and the resume land epochs into the run."""
-    args = [sys.executable, str(ROOT / "run.py"), "pair=tiny_encoder", "task=tiny_cls",
-            "strategy=projection", "data.batch_size=32", f"data.train_fraction={F_68}",
-            "trainer.max_steps=30", "checkpoint.every_n_steps=4", "trainer.deterministic=true",
-            "teacher_finetune.max_steps=40", "trainer.enable_progress_bar=false",
-            "trainer.precision=32-true", f"cache_dir={cache_dir}"]
+@pytest.mark.parametrize("stop_at", [3, 4], ids=["at-an-epoch-end", "mid-epoch-1"])
+def test_a_small_subset_run_interrupted_epochs_in_resumes_to_the_same_result(stop_at, tmp_path,
+                                                                             cache_dir, monkeypatch):
+    """68 examples, 3 batches an epoch, 9 steps: stopped right after the checkpoint at `stop_at`
+    (the end of epoch 0, or one batch into epoch 1), the rerun ends where the uninterrupted
+    run does, bit for bit."""
+    from flexkd import checkpointing
+    from flexkd.pipeline import run
 
-    def to_end(out: Path) -> dict:
-        proc = subprocess.run([*args, f"hydra.run.dir={out}"], capture_output=True, text=True,
-                              timeout=600, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return json.loads((out / "results.json").read_text())
+    def cfg(out):
+        return compose_cfg("strategy=projection", "data.batch_size=32", f"data.train_fraction={F_68}",
+                           "trainer.max_steps=9", f"checkpoint.every_n_steps={stop_at}",
+                           "trainer.deterministic=true", "teacher_finetune.max_steps=40",
+                           "trainer.enable_progress_bar=false", "trainer.precision=32-true",
+                           "save_student=false", f"cache_dir={cache_dir}", f"output_dir={out}")
 
-    reference = to_end(tmp_path / "uninterrupted")
-    out = tmp_path / "killed"
-    out.mkdir()
-    proc = subprocess.Popen([*args, f"hydra.run.dir={out}"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    info = out / "checkpoints" / "last.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if info.exists() and json.loads(info.read_text())["step"] >= 4:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed = json.loads(info.read_text())
-    assert 4 <= killed["step"] < 30 and killed["epoch"] >= 1
-    resumed = to_end(out)
+    reference = run(cfg(tmp_path / "uninterrupted"))
+    save = checkpointing.ResumeCheckpoint.save
+
+    def save_then_stop(self, trainer):
+        save(self, trainer)
+        if trainer.global_step == stop_at:
+            raise Interrupted
+
+    monkeypatch.setattr(checkpointing.ResumeCheckpoint, "save", save_then_stop)
+    with pytest.raises(Interrupted):
+        run(cfg(tmp_path / "interrupted"))
+    monkeypatch.undo()
+    resumed = run(cfg(tmp_path / "interrupted"))
     assert resumed["train"]["resumed_from"].endswith("last.ckpt")
-    assert resumed["train"]["steps"] == reference["train"]["steps"] == 30
+    assert resumed["train"]["steps"] == reference["train"]["steps"] == 9
     assert resumed["data"]["train_examples"] == 68
     assert resumed["metrics"]["student"] == reference["metrics"]["student"]
+    assert resumed["metrics"]["validation"] == reference["metrics"]["validation"]
 
 
 # ----------------------------------------------------------------------------- tables

@@ -205,8 +205,12 @@ class DistillDataModule(L.LightningDataModule):
             data = StepExamples(data)
         else:
             sampler = ResumableBatchSampler(len(data), batch_size, self.seed, **options)
+        # Its own generator: creating a loader's iterator (every epoch, every validation) would
+        # otherwise draw from the global RNG, and a run resumed at an epoch's end would draw
+        # once less than the uninterrupted one (other dropout masks from then on).
         return DataLoader(data, batch_sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def accumulate_grad_batches(self) -> int:
         """Micro-batches per optimizer step: the attached trainer's, else 1."""
