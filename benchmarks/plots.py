@@ -2,10 +2,11 @@
 
 Per table: the variants as bars with the 95% t-interval over seeds; a forest plot of the paired
 differences to the reference; the probe's sorted score spectrum with k_p marked; and for every
-sweep over one numeric setting (beta, optim.lr, task.max_train_examples...) mean vs value with a
-95% band. Per stage=removal run: the teacher's metric vs m with top-m, bottom-m and random-m
-dims removed (random: mean with a ±std band). `plot_files(summary, out_dir)` is the one entry
-point (a W&B logger can log the files).
+sweep over one numeric setting (beta, optim.lr, data.train_fraction...) mean vs value with a
+95% band, and each series' paired difference to the reference at the same value. Per
+stage=removal run: the teacher's metric vs m with top-m, bottom-m and random-m dims removed
+(random: mean with a ±std band). `plot_files(summary, out_dir)` is the one entry point (a W&B
+logger can log the files).
 
 Figures are built with matplotlib's object API (no pyplot), so plotting never touches a global
 backend or figure registry: safe inside a training process and in tests, no display needed.
@@ -132,8 +133,11 @@ def spectra(table: dict) -> Figure:
 
 
 def sweep(table: dict, dim: str, series: list[dict]) -> Figure:
-    fig = Figure(figsize=(6.0, 3.6))
-    ax = fig.add_subplot()
+    """Mean and 95% band vs the setting; below, where rows have a reference, each series'
+    paired difference to its reference (matched on the setting: benchmarks.tables.reference_of)."""
+    paired = any(r.get("vs") for s in series for _, r in s["points"])
+    fig = Figure(figsize=(6.0, 6.4 if paired else 3.6))
+    ax = fig.add_subplot(211 if paired else 111)
     xs_all = []
     for s, color in zip(series, _palette(), strict=False):
         points = sorted(s["points"], key=lambda p: p[0])
@@ -142,12 +146,32 @@ def sweep(table: dict, dim: str, series: list[dict]) -> Figure:
         ax.plot(xs, [r["mean"] for _, r in points], marker="o", color=color, label=s["label"])
         ax.fill_between(xs, [r["ci95"][0] for _, r in points], [r["ci95"][1] for _, r in points],
                         color=color, alpha=0.2, linewidth=0)
-    if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100:
+    log_x = min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100
+    if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(dim)
     ax.set_ylabel(f"student {table['metric']}")
     ax.set_title(f"{table['pair']} / {table['task']}: mean and 95% CI over seeds", fontsize=9)
     ax.legend(loc="best", fontsize=8)
+    if paired:
+        diff = fig.add_subplot(212, sharex=ax)
+        diff.axhline(0.0, color="black", linewidth=1)
+        for s, color in zip(series, _palette(), strict=False):
+            points = sorted(((x, r["vs"]) for x, r in s["points"] if r.get("vs")), key=lambda p: p[0])
+            if not points:  # the reference's own series
+                continue
+            xs = [x for x, _ in points]
+            diff.plot(xs, [vs["mean_diff"] for _, vs in points], marker="o", color=color,
+                      label=s["label"])
+            if all(_finite(*vs["ci95"]) for _, vs in points):
+                diff.fill_between(xs, [vs["ci95"][0] for _, vs in points],
+                                  [vs["ci95"][1] for _, vs in points], color=color, alpha=0.2,
+                                  linewidth=0)
+        diff.set_xlabel(dim)
+        diff.set_ylabel(f"Δ {table['metric']} vs {table['reference']}", fontsize=8)
+        diff.set_title("paired difference to the reference (95% CI over seeds)", fontsize=9)
+        diff.legend(loc="best", fontsize=8)
+        fig.tight_layout()
     return fig
 
 

@@ -322,25 +322,42 @@ def summarise(runs: list[dict], metric: str | None = None, reference: str | None
     return {"metric": metric, "reference": reference, "tables": tables}
 
 
+def reference_of(rows: list[dict], name: str, row: dict) -> dict | None:
+    """`row`'s reference: the row labelled `name`; else the row of strategy part `name` run with
+    `row`'s own config differences (a sweep over a setting such as data.train_fraction compares
+    each value with the reference at that value); else the one row of strategy part `name`."""
+    exact = [r for r in rows if r["variant"] == name]
+    if exact:
+        return exact[0]
+    loose = [r for r in rows if r["strategy_label"] == name]
+    matched = [r for r in loose if r["config"] == row["config"]]
+    return matched[0] if len(matched) == 1 else loose[0] if len(loose) == 1 else None
+
+
 def compare(rows: list[dict], key: tuple, reference: str | None, varying: list[str]) -> dict:
-    """Paired differences of every row to the table's reference row, and whether each lies
-    within the reference's seed std."""
-    ref = find_variant(rows, reference) if reference is not None else find_variant(rows, "sft")
+    """Paired differences of every row to its reference row (`reference_of`), and whether each
+    lies within the reference's seed std."""
+    name = reference if reference is not None else "sft"
+    used: dict[str, dict] = {}
     for row in rows:
         row["vs"] = None
-        if ref is not None and row is not ref:
+        ref = reference_of(rows, name, row)
+        if ref is not None and ref is not row:
+            used[ref["variant"]] = ref
             vs = {"reference": ref["variant"], **paired_test(row["scores"], ref["scores"])}
             spread = ref["std"]
             vs["within_seed_std"] = (None if math.isnan(spread) or math.isnan(vs["mean_diff"])
                                      else abs(vs["mean_diff"]) <= spread)
             row["vs"] = vs
+    ref = next(iter(used.values())) if len(used) == 1 else None if used else find_variant(rows, name)
+    label = ref["variant"] if ref else f"{name} (matched on {', '.join(varying)})" if used else None
     flags = [r["vs"]["within_seed_std"] for r in rows if r["vs"]]
     all_within = bool(flags) and all(f is True for f in flags)
-    note = (f"All differences to {ref['variant']} lie within one seed std of it "
-            f"({_f(ref['std'])}): no variant is distinguishable from it at this budget."
-            if all_within else None)
+    spread = f" ({_f(ref['std'])})" if ref else ""
+    note = (f"All differences to {label} lie within one seed std of it{spread}: no variant is "
+            "distinguishable from it at this budget." if all_within else None)
     return {"pair": key[0], "task": key[1], "metric": key[2],
-            "reference": ref["variant"] if ref else None, "varying_config": varying,
+            "reference": label, "varying_config": varying,
             "all_within_seed_std": all_within, "note": note, "rows": rows}
 
 

@@ -128,7 +128,10 @@ def run(cfg: DictConfig) -> dict | None:
     strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
     strategy, name = build_strategy(strategy_cfg), strategy_cfg["name"]
     label_words = uses_label_words(cfg.pair)
-    data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
+    # The teacher above is the full-data one; distillation may see only a subset (low data).
+    student_task = task.with_train_subset(cfg.data.get("train_fraction", 1.0),
+                                          cfg.data.get("subset_seed", 0))
+    data = DistillDataModule(student_task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
                              eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
                              num_workers=cfg.data.num_workers, label_words=label_words,
                              bucket_by_length=cfg.data.bucket_by_length,
@@ -180,8 +183,17 @@ def run(cfg: DictConfig) -> dict | None:
         "train": {"steps": int(trainer.global_step),
                   "resumed_from": str(resumed_from) if resumed_from else None},
         "alignment": alignment_report(data),
+        "data": data_report(data),
     }
     return report(ctx, results, loggers)
+
+
+def data_report(data: DistillDataModule) -> dict:
+    """What the student was distilled on: its training examples (after train_fraction) and
+    the split's rows before it."""
+    return {"train_examples": len(data.splits["train"]),
+            "train_examples_available": data.available.get("train"),
+            "train_fraction": data.task.train_fraction, "subset_seed": data.task.subset_seed}
 
 
 def alignment_report(data: DistillDataModule) -> dict | None:

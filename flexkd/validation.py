@@ -66,6 +66,10 @@ class Data(Schema):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     bucket_by_length: bool = Field(True, description="batch examples of similar length (less "
                                    "padding)")
+    train_fraction: float = Field(1.0, gt=0, le=1, description="allowed range (0, 1]: the share of "
+                                  "the training set the student is distilled on; 1.0: all of it")
+    subset_seed: int = Field(0, ge=0, description="seed of the train_fraction subset (the same for "
+                             "every strategy and run seed)")
 
 
 class Optim(Schema):

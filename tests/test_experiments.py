@@ -199,3 +199,20 @@ def test_tiny_beta_sweep_is_chosen_on_validation_and_reported_to_wandb(
     assert len(job_groups) == 1 and len(reports) == 2
     assert {r["run"].run_group for r in reports} == job_groups
     assert {r["summary"]["best_on_validation/flexkd/value"] for r in reports} <= {0.1, 2.0}
+
+
+def test_low_data_sweep_crosses_three_fractions_with_three_strategies_and_seeds():
+    all_jobs = jobs("paper_low_data")
+    assert len(all_jobs) == 3 * 3 * 3
+    seen = set()
+    for job in all_jobs:
+        cfg = compose_job(*job)
+        check_schema(cfg)
+        assert (cfg.pair.name, cfg.task.name, cfg.trainer.max_steps) == ("mpnet_minilm", "rt_polarity", 100)
+        assert (cfg.teacher_store, cfg.data.subset_seed) == ("auto", 0)
+        # The teacher is the full-data one `make run` builds: its settings are the defaults.
+        assert cfg.teacher_finetune == compose_job().teacher_finetune
+        seen.add((cfg.strategy.name, cfg.data.train_fraction, cfg.seed))
+    assert {s for s, _, _ in seen} == {"flexkd", "projection", "sft"}
+    assert {f for _, f, _ in seen} == {0.01, 0.05, 0.2}
+    assert len(seen) == len(all_jobs)  # no two jobs alike

@@ -26,6 +26,7 @@ from flexkd.data.encoding import (
 from flexkd.data.jsonl import read_jsonl
 from flexkd.data.sampling import ResumableBatchSampler
 from flexkd.data.step_units import StepExamples, StepUnitsBatchSampler, add_units, example_units
+from flexkd.data.subset import subset_indices
 from flexkd.data.tasks import SPLITS, TaskSpec
 from flexkd.errors import ConfigError
 from flexkd.models import IGNORE_INDEX
@@ -90,6 +91,7 @@ class DistillDataModule(L.LightningDataModule):
         self.alignment_pool = (("last" if causal else "mean") if alignment_pool == "auto"
                                else alignment_pool)
         self.responses: dict[str, dict[int, str]] = {}  # replace_responses: split -> index -> text
+        self.available: dict[str, int] = {}  # split -> rows before the low-data subset
 
     # -------------------------------------------------------------- encoding
     def _encode(self, row: dict, tokenizer, where: str):
@@ -118,6 +120,11 @@ class DistillDataModule(L.LightningDataModule):
         rows = read_jsonl(self.task.split_path(split), REQUIRED_FIELDS[self.task.format])
         limit = self.task.max_examples.get(split)
         rows = rows[:limit] if limit else rows
+        self.available[split] = len(rows)
+        if split == "train" and self.task.train_fraction < 1.0:  # the low-data setting
+            rows = [rows[i] for i in subset_indices(len(rows), self.task.train_fraction,
+                                                   self.task.subset_seed)]
+        # Indices are positions in the (sub)set: the teacher store and responses are keyed so.
         swap = self.responses.get(split, {})
         return [{**row, "response": swap[i]} if i in swap else row for i, row in enumerate(rows)]
 
@@ -198,8 +205,12 @@ class DistillDataModule(L.LightningDataModule):
             data = StepExamples(data)
         else:
             sampler = ResumableBatchSampler(len(data), batch_size, self.seed, **options)
+        # Its own generator: creating a loader's iterator (every epoch, every validation) would
+        # otherwise draw from the global RNG, and a run resumed at an epoch's end would draw
+        # once less than the uninterrupted one (other dropout masks from then on).
         return DataLoader(data, batch_sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def accumulate_grad_batches(self) -> int:
         """Micro-batches per optimizer step: the attached trainer's, else 1."""

@@ -39,6 +39,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.chunk_batches = chunk_batches
         self.epoch = 0
         self._skip = 0
+        # Lightning calls set_epoch at each epoch start on a loader's `sampler` and on its batch
+        # sampler's `sampler`, never on the batch sampler itself: without this, every epoch
+        # would repeat epoch 0's order (and a resumed run would not).
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at every epoch start (with the restored epoch after a resume)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flexkd.errors import ConfigError, DataFileError
@@ -37,6 +37,10 @@ class TaskSpec:
     max_prompt_words: int | None = None
     prompt_template: str = "plain"  # instruction tasks: plain | chat (flexkd.data.formatting)
     max_new_tokens: int | None = None  # instruction tasks: generation budget (lm-eval)
+    # The low-data setting (flexkd.data.subset): the train split is this fraction of its rows,
+    # drawn with subset_seed. Validation and test are never cut.
+    train_fraction: float = 1.0
+    subset_seed: int = 0
 
     @classmethod
     def from_config(cls, cfg, resolve=lambda s: s) -> TaskSpec:
@@ -57,6 +61,13 @@ class TaskSpec:
                    prompt_template=cfg.get("prompt_template") or "plain",
                    max_new_tokens=cfg.get("max_new_tokens"))
 
+    def with_train_subset(self, fraction: float, seed: int) -> TaskSpec:
+        """This task with its train split cut to `fraction` of its rows (drawn with `seed`)."""
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"data.train_fraction={fraction} is outside (0, 1]; use e.g. 0.05 for "
+                              "5% of the training set, 1.0 for all of it")
+        return replace(self, train_fraction=float(fraction), subset_seed=int(seed))
+
     def split_path(self, split: str) -> Path:
         return self.data_dir / f"{split}.jsonl"
 
@@ -69,4 +80,6 @@ class TaskSpec:
                 "max_examples": self.max_examples,
                 # Only when it changes the encoded text, so existing cache keys stay valid.
                 **({"prompt_template": self.prompt_template}
-                   if self.prompt_template != "plain" else {})}
+                   if self.prompt_template != "plain" else {}),
+                **({"train_subset": {"fraction": self.train_fraction, "seed": self.subset_seed}}
+                   if self.train_fraction < 1.0 else {})}
