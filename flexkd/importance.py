@@ -39,7 +39,7 @@ class ProbeConfig:
     selection: str = "coordinates"
     target: str = "gold"
     k: int = 0
-    examples: int = 1024
+    examples: int = 512
     batch_size: int = 16
     seed: int = 0  # only `random` scores depend on it
 
