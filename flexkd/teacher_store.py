@@ -1,15 +1,17 @@
 """The teacher-output store: a frozen teacher's answers, computed once, read by every job.
 
 Every distillation step used to rerun the teacher, and every job of a sweep did it again on the
-same sentences. The store computes what `strategy.teacher_request()` names (hidden states at
-its layers - for flexkd only the selected dims or directions, see `OutputRequest.views` - and
-class logits) once per (teacher fingerprint, task data, request, precision) over the whole
-train split, and keeps it in a `flexkd.cache` entry (content key, verified, rebuilt when
-damaged, built once under a file lock when sweep jobs start together):
+same sentences. The store runs the teacher once per (teacher fingerprint, task data, layers,
+precision) over the whole train split and keeps its FULL hidden states at those layers and, for
+a classifier teacher, its class logits (`stored_request`). Whatever a strategy makes of them
+(flexkd's k selected dims or directions, whichever score chose them; a projector; CKA; logit
+KD) is applied at read time by the same code that reads the live teacher, so one entry serves
+every strategy at those layers. It is a `flexkd.cache` entry (content key, verified, rebuilt
+when damaged, built once under a file lock when sweep jobs start together):
 
-    store.json      shapes, dtypes, the request
+    store.json      shapes, dtypes, the stored request
     offsets.bin     int64 (n_examples + 1): example i's tokens are rows offsets[i]:offsets[i+1]
-    hidden_<l>.bin  bf16 (n_tokens, width): the valid (non-padding) teacher tokens of layer l
+    hidden_<l>.bin  bf16 (n_tokens, d_T): the valid (non-padding) teacher tokens of layer l
     logits.bin      bf16 (n_examples, n_classes): class logits
 
 The files are memory-mapped, so a job reads only the rows of its batches. `StoredTeacher` is a
@@ -32,13 +34,13 @@ import torch
 from flexkd.cache import EntryInfo, get_or_build, read_manifest
 from flexkd.errors import ConfigError
 from flexkd.models import ModelOutputs, TaskModel
-from flexkd.step import LiveTeacher
 from flexkd.storage import atomic_write_json, content_hash
+from flexkd.strategies.base import OutputRequest
 
 log = logging.getLogger(__name__)
 
 STORE_KIND = "teacher_store"
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: full states (no views), classifier logits always
 STORE_DTYPE = torch.bfloat16
 SETTINGS = ("auto", "off")
 META_FILE = "store.json"
@@ -83,6 +85,26 @@ def precision_key(trainer_cfg) -> str:
     return "fp32"
 
 
+def stored_request(strategy, teacher: TaskModel) -> OutputRequest:
+    """What the store keeps for `strategy`: wider than what it asks, so that every strategy on
+    this teacher and layers shares one entry (and one teacher pass).
+
+    - Full hidden states (no views): flexkd's selection (any score, k, selection) is applied at
+      read time, as on the live teacher.
+    - Class logits always for a classifier (n_classes per example: tiny).
+    - A classifier strategy that asks for no layers (logit_kd: beta = 0) stores the teacher
+      layers of its layer_pairs anyway, so it shares the feature strategies' entry at that layer.
+    Layers are sorted and deduplicated: the entry depends on the set, not on the pair order.
+    A causal LM's logits are never stored (`store_decision` keeps such runs live)."""
+    request = strategy.teacher_request()
+    classifier = teacher.kind == "classifier"
+    layers = request.layers
+    if classifier and not layers:
+        layers = tuple(t for _, t in strategy.resolved_pairs)
+    return OutputRequest(layers=tuple(sorted({int(x) for x in layers})),
+                         logits=classifier or request.logits)
+
+
 def request_key(request) -> dict:
     """A JSON-able identity of what the strategy asks the teacher for."""
     views = []
@@ -114,9 +136,14 @@ def _dtype(name: str) -> torch.dtype:
 
 
 class StoredTeacher:
-    """Answers batches from a store entry, in the live teacher's shapes and dtypes."""
+    """Answers batches from a store entry, in the live teacher's shapes and dtypes: full hidden
+    states (`reduced=False`, so a strategy reduces them exactly as it reduces the live
+    teacher's) and the class logits.
 
-    def __init__(self, path: str | Path):
+    `layers`: the layers to answer with (the strategy's request: a logit-only strategy reads
+    none), all stored ones when None."""
+
+    def __init__(self, path: str | Path, layers: tuple[int, ...] | None = None):
         self.path = Path(path)
         meta = json.loads((self.path / META_FILE).read_text())
         self.meta = meta
@@ -125,9 +152,16 @@ class StoredTeacher:
         if int(self.offsets[-1]) != meta["tokens"]:
             raise StoreMismatchError(f"{OFFSETS_FILE} ends at {int(self.offsets[-1])}, not at "
                                      f"{meta['tokens']} tokens")
-        self.hidden = {int(layer): (_open(self.path / spec["file"], STORE_DTYPE,
-                                          (meta["tokens"], spec["width"])), _dtype(spec["dtype"]))
-                       for layer, spec in meta["hidden"].items()}
+        stored = {int(layer): spec for layer, spec in meta["hidden"].items()}
+        wanted = sorted(stored) if layers is None else [int(x) for x in layers]
+        missing = sorted(set(wanted) - set(stored))
+        if missing:
+            raise StoreMismatchError(f"teacher layers {missing} are not in the store (it holds "
+                                     f"{sorted(stored)})")
+        self.hidden = {layer: (_open(self.path / stored[layer]["file"], STORE_DTYPE,
+                                     (meta["tokens"], stored[layer]["width"])),
+                               _dtype(stored[layer]["dtype"]))
+                       for layer in wanted}
         spec = meta.get("logits")
         self.logits = None if spec is None else (
             _open(self.path / spec["file"], STORE_DTYPE, (n, spec["width"])), _dtype(spec["dtype"]))
@@ -165,8 +199,7 @@ class StoredTeacher:
         if self.logits is not None:
             flat, dtype = self.logits
             kd_logits = flat[index].to(device=device, dtype=dtype)
-        return ModelOutputs(kd_logits=kd_logits, hidden=hidden, logits=kd_logits,
-                            reduced=bool(hidden))
+        return ModelOutputs(kd_logits=kd_logits, hidden=hidden, logits=kd_logits)
 
 
 # ----------------------------------------------------------------------------- building
@@ -195,14 +228,15 @@ def _to(batch, device):
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if torch.is_tensor(t) else t, batch)
 
 
-def write_store(out: Path, teacher: TaskModel, strategy, data, *, batch_size: int,
+def write_store(out: Path, teacher: TaskModel, request: OutputRequest, data, *, batch_size: int,
                 device: torch.device, precision) -> dict:
-    """Run the teacher over the train split and write the store files into `out`.
+    """Run the teacher over the train split and write what `request` (a `stored_request`)
+    names into `out`.
 
     Examples go longest first in batches of similar length (little padding, and the largest
     batch fails first if memory is short); rows land at their example's offsets."""
-    request = strategy.teacher_request()
-    live = LiveTeacher(teacher, strategy)
+    if any(v is not None for v in request.views):
+        raise ValueError("the store keeps full states; widen the request with stored_request")
     data.setup()
     examples = data.splits["train"]
     if [e["index"] for e in examples] != list(range(len(examples))):
@@ -227,11 +261,12 @@ def write_store(out: Path, teacher: TaskModel, strategy, data, *, batch_size: in
 
     order = torch.argsort(lengths, descending=True, stable=True)
     progress = _Progress(len(examples), "teacher store")
-    teacher.to(device)
+    # As LiveTeacher asks it: eval mode (dropout off), no autograd, the training precision.
+    teacher.to(device).eval()
     for chunk in order.split(batch_size):
         batch = _to(data.collate([examples[int(i)] for i in chunk]), device)
-        with precision:
-            answer = request.apply(live(batch))
+        with precision, torch.no_grad():
+            answer = teacher(batch["teacher"], layers=request.layers)
         mask = batch["teacher"]["attention_mask"].bool()
         if answer.hidden:
             counts = mask.sum(1).cpu()
@@ -277,15 +312,18 @@ def teacher_store(setting: str, strategy, teacher: TaskModel | None, data, *, ca
     if not enabled:
         log.info("teacher store: off (%s)", reason)
         return StoreHandle(None, {"enabled": False, "reason": reason})
+    request = stored_request(strategy, teacher)
     key_obj = {"teacher": teacher_fingerprint, "task": data.task.fingerprint(),
-               "request": request_key(strategy.teacher_request()),
-               "precision": precision_key(trainer_cfg)}
+               "request": request_key(request), "precision": precision_key(trainer_cfg)}
 
     def build(out: Path) -> dict:
-        return write_store(out, teacher, strategy, data, batch_size=batch_size, device=device,
+        return write_store(out, teacher, request, data, batch_size=batch_size, device=device,
                            precision=precision)
 
-    stored, entry = get_or_build(cache_dir, STORE_KIND, key_obj, build, StoredTeacher,
+    def load(path: Path) -> StoredTeacher:
+        return StoredTeacher(path, layers=strategy.teacher_request().layers)
+
+    stored, entry = get_or_build(cache_dir, STORE_KIND, key_obj, build, load,
                                  version=STORE_VERSION, full_verify=True, desc="teacher store")
     info = describe(entry) | {"enabled": True, "reason": reason}
     log.info("teacher store: %s %s (%.1f MB)", "cache hit" if entry.cache_hit else "built",

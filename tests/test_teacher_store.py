@@ -82,13 +82,13 @@ def build(cfg, teacher, strategy, data, cache_dir, setting="auto"):
 class RoundedLive:
     """The live teacher with every output rounded to bf16, as the store keeps them."""
 
-    def __init__(self, live, request):
-        self.live, self.request = live, request
+    def __init__(self, live):
+        self.live = live
 
     def __call__(self, batch):
-        out = self.request.apply(self.live(batch))
+        out = self.live(batch)
         r = lambda t: None if t is None else t.to(torch.bfloat16).to(t.dtype)  # noqa: E731
-        return dataclasses.replace(out, kd_logits=r(out.kd_logits),
+        return dataclasses.replace(out, kd_logits=r(out.kd_logits), logits=r(out.logits),
                                    hidden={k: r(v) for k, v in out.hidden.items()})
 
 
@@ -98,6 +98,24 @@ def terms_and_grads(strategy, student, batch, teacher_outputs):
     sum(terms.values()).backward()
     grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
     return {k: v.detach() for k, v in terms.items()}, grads
+
+
+def assert_losses_match_live(strategy, student, teacher, batch, stored):
+    """Terms and student gradients from the store equal those from the live teacher rounded to
+    bf16 (rtol 1e-4), and those from the unrounded live teacher within rtol 2e-2."""
+    live = LiveTeacher(teacher, strategy)
+    s_terms, s_grads = terms_and_grads(strategy, student, batch, stored)
+    r_terms, r_grads = terms_and_grads(strategy, student, batch, RoundedLive(live))
+    l_terms, l_grads = terms_and_grads(strategy, student, batch, live)
+    assert s_terms.keys() == l_terms.keys() and len(s_terms) >= 2  # task + a teacher term
+    for k in l_terms:
+        torch.testing.assert_close(s_terms[k], r_terms[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s_terms[k], l_terms[k], rtol=2e-2, atol=1e-4)
+    assert s_grads.keys() == l_grads.keys()
+    for k in l_grads:
+        scale = l_grads[k].abs().max().item()
+        torch.testing.assert_close(s_grads[k], r_grads[k], rtol=1e-4, atol=1e-4 * scale + 1e-7)
+        torch.testing.assert_close(s_grads[k], l_grads[k], rtol=2e-2, atol=2e-2 * scale + 1e-7)
 
 
 CASES = [("flexkd", "tiny_encoder", {}), ("flexkd", "tiny_encoder", {"selection": "directions"}),
@@ -112,8 +130,7 @@ def test_store_answers_like_the_live_teacher(name, pair, knobs, tmp_path):
     handle = build(cfg, teacher, strategy, data, tmp_path)
     assert handle.info["enabled"] and not handle.info["cache_hit"], handle.info
     stored, live = handle.outputs, LiveTeacher(teacher, strategy)
-    request = strategy.teacher_request()
-    rounded = RoundedLive(live, request)
+    classifier = teacher.kind == "classifier"
     assert stored.examples == len(data.splits["train"])
 
     checked = 0
@@ -122,38 +139,66 @@ def test_store_answers_like_the_live_teacher(name, pair, knobs, tmp_path):
             break
         mask = batch["teacher"]["attention_mask"].bool()
         assert not mask.all(), "the batch should have padding"
-        s_out, l_out = stored(batch), request.apply(live(batch))
-        assert s_out.hidden.keys() == l_out.hidden.keys()
+        s_out, l_out = stored(batch), live(batch)
+        # Full states, as the live teacher gives them: the strategy reduces both alike.
+        assert s_out.hidden.keys() == l_out.hidden.keys() and not s_out.reduced
         for layer in l_out.hidden:
             s, lv = s_out.hidden[layer], l_out.hidden[layer]
             assert s.shape == lv.shape and s.dtype == lv.dtype
+            assert s.shape[-1] == teacher.hidden_size
             torch.testing.assert_close(s[mask], lv[mask], rtol=BF16_ULP, atol=1e-6)
             assert (s[~mask] == 0).all()
-        if request.logits:
+        if classifier:  # class logits are stored whatever the strategy asks
             torch.testing.assert_close(s_out.kd_logits, l_out.kd_logits, rtol=BF16_ULP, atol=1e-6)
-
-        s_terms, s_grads = terms_and_grads(strategy, student, batch, stored)
-        r_terms, r_grads = terms_and_grads(strategy, student, batch, rounded)
-        l_terms, l_grads = terms_and_grads(strategy, student, batch, live)
-        assert s_terms.keys() == l_terms.keys() and len(s_terms) >= 2  # task + a teacher term
-        for k in l_terms:
-            torch.testing.assert_close(s_terms[k], r_terms[k], rtol=1e-4, atol=1e-6)
-            torch.testing.assert_close(s_terms[k], l_terms[k], rtol=2e-2, atol=1e-4)
-        assert s_grads.keys() == l_grads.keys()
-        for k in l_grads:
-            scale = l_grads[k].abs().max().item()
-            torch.testing.assert_close(s_grads[k], r_grads[k], rtol=1e-4, atol=1e-4 * scale + 1e-7)
-            torch.testing.assert_close(s_grads[k], l_grads[k], rtol=2e-2, atol=2e-2 * scale + 1e-7)
+        assert_losses_match_live(strategy, student, teacher, batch, stored)
         checked += 1
     assert checked == 3
 
 
-def test_flexkd_store_keeps_only_the_selected_dims(tmp_path):
+def test_flexkd_store_keeps_the_full_states_and_the_class_logits(tmp_path):
     cfg, teacher, _, strategy, data = prepared("flexkd", "tiny_encoder", tmp_path)
+    assert strategy.teacher_request().logits is False  # flexkd (gamma 0) asks for no logits
     handle = build(cfg, teacher, strategy, data, tmp_path)
-    (layer, (flat, _)), = handle.outputs.hidden.items()
-    assert flat.shape[1] == strategy.k_effective == 32 < teacher.hidden_size == 128
-    assert handle.info["size_mb"] > 0
+    stored = handle.outputs
+    (layer, (flat, _)), = stored.hidden.items()
+    # All d_T = 128 dims, not flexkd's k = 32: other selections read the same entry.
+    assert layer == 3 and flat.shape == (stored.meta["tokens"], 128)
+    assert strategy.k_effective == 32 < teacher.hidden_size == 128
+    logits, _ = stored.logits
+    assert logits.shape == (len(data.splits["train"]), teacher.num_outputs)
+    assert stored.meta["request"] == {"layers": [3], "logits": True, "views": []}
+    # bf16: 2 bytes per value; one row per valid token, one logit row per example.
+    entry = Path(handle.info["path"])
+    assert (entry / "hidden_3.bin").stat().st_size == stored.meta["tokens"] * 128 * 2
+    assert (entry / "logits.bin").stat().st_size == 96 * teacher.num_outputs * 2
+
+
+def test_one_entry_serves_flexkd_scores_projection_and_logit_kd(tmp_path):
+    """flexkd(score=grad), flexkd(score=random), projection and logit_kd on one teacher, task
+    and layer: one store entry, built once; each reads it and gets the live teacher's losses."""
+    runs = [prepared("flexkd", "tiny_encoder", tmp_path, score="grad"),
+            prepared("flexkd", "tiny_encoder", tmp_path, score="random"),
+            prepared("projection", "tiny_encoder", tmp_path),
+            prepared("logit_kd", "tiny_encoder", tmp_path)]
+    grad_sel, random_sel = runs[0][3].selection_0, runs[1][3].selection_0
+    assert not torch.equal(grad_sel, random_sel)  # two selections: two entries under a view key
+    assert runs[3][3].teacher_request().layers == ()  # logit_kd asks for logits only
+
+    handles = [build(cfg, teacher, strategy, data, tmp_path)
+               for cfg, teacher, _, strategy, data in runs]
+    assert [h.info["cache_hit"] for h in handles] == [False, True, True, True]
+    assert len({h.info["path"] for h in handles}) == 1
+    entries = [p for p in (tmp_path / STORE_KIND).iterdir() if p.is_dir()]
+    assert len(entries) == 1, entries
+    assert [sorted(h.outputs.hidden) for h in handles] == [[3], [3], [3], []]
+
+    for (_, teacher, student, strategy, data), handle in zip(runs, handles, strict=True):
+        batch = next(iter(data.train_dataloader()))
+        assert_losses_match_live(strategy, student, teacher, batch, handle.outputs)
+    # logit_kd's KD term reads the entry's class logits (its task term needs no teacher).
+    batch = next(iter(runs[3][4].train_dataloader()))
+    live = LiveTeacher(runs[3][1], runs[3][3])(batch).kd_logits
+    torch.testing.assert_close(handles[3].outputs(batch).kd_logits, live, rtol=BF16_ULP, atol=1e-6)
 
 
 def test_auto_is_off_without_teacher_terms_or_for_causal_logits(tmp_path):
