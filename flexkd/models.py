@@ -58,7 +58,7 @@ class ModelOutputs:
     kd_hidden: torch.Tensor | None = None
     kd_head: torch.Tensor | None = None
     kd_topk: TeacherTopK | None = None
-    # True when `hidden` holds only the request's views (OutputRequest.views), as a store keeps.
+    # True when `hidden` holds only the request's views (OutputRequest.apply).
     reduced: bool = False
 
 

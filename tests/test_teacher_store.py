@@ -251,7 +251,9 @@ def test_store_refuses_a_batch_from_other_data(tmp_path):
 
 def test_run_builds_the_store_once_and_another_seed_reads_it(run_cli):
     args = ("pair=tiny_encoder", "task=tiny_cls", "strategy=flexkd", "teacher_store=auto",
-            "strategy.k=24")  # a request no other test builds, so the first run must build it
+            # A teacher layer no other test stores (the key ignores k, score and strategy),
+            # so the first run must build the entry.
+            "strategy.layer_pairs=[[-1,1]]")
     first = run_cli(*args, "seed=0", name="s0").results()["teacher_store"]
     second = run_cli(*args, "seed=1", name="s1").results()["teacher_store"]
     assert first["enabled"] and not first["cache_hit"] and first["size_mb"] > 0

@@ -60,7 +60,7 @@ class SetupContext:
 
 @dataclass(frozen=True, eq=False)
 class OutputRequest:
-    """What a strategy reads of the teacher's outputs (a teacher-output store keeps only this)."""
+    """What a strategy reads of the teacher's outputs (a store keeps more: `stored_request`)."""
 
     layers: tuple[int, ...] = ()
     logits: bool = False
@@ -69,11 +69,11 @@ class OutputRequest:
     topk: int | None = None
     topk_temperature: float | None = None
     # Per layer, what the strategy reads of the state: None (all of it), a 1-D LongTensor of
-    # dims, or a (d, k) projection. A teacher-output store keeps only that (flexkd: k of d_T).
+    # dims, or a (d, k) projection. The teacher-output store keeps full states instead.
     views: tuple = ()
 
     def apply(self, outputs: ModelOutputs) -> ModelOutputs:
-        """`outputs` with each requested layer reduced to its view (as a store holds it)."""
+        """`outputs` with each requested layer reduced to its view."""
         if outputs is None or outputs.reduced or not any(v is not None for v in self.views):
             return outputs
         hidden = dict(outputs.hidden)
