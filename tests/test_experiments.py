@@ -175,17 +175,16 @@ def test_tiny_beta_sweep_is_chosen_on_validation_and_reported_to_wandb(
 
     from benchmarks import tables
 
-    run = run_cli("logger=wandb", "pair=tiny_encoder", "task=tiny_cls", "strategy=flexkd,projection",
+    run = run_cli("logger=wandb", "pair=tiny_encoder", "task=tiny_cls", "strategy=flexkd",
                   "strategy.beta=0.1,2.0", "seed=0,1", multirun=True)
     runs = [json.loads(p.read_text()) for p in sorted(run.out_dir.glob("*/results.json"))]
-    assert len(runs) == 8
+    assert len(runs) == 4  # one strategy keeps it short; tests/test_validation_choice.py has several
     monkeypatch.chdir(run.out_dir.parent)  # the jobs' cwd: W&B groups are relative to it
     for metric in ("accuracy", "macro_f1"):
         summary = tables.main([str(run.out_dir), "--split", "validation", "--metric", metric])
         (table,) = summary["tables"]
-        assert sorted(r["variant"] for r in table["rows"]) == [
-            "flexkd[beta=0.1]", "flexkd[beta=2.0]", "projection[beta=0.1]", "projection[beta=2.0]"]
-        for strategy in ("flexkd", "projection"):
+        assert sorted(r["variant"] for r in table["rows"]) == ["flexkd[beta=0.1]", "flexkd[beta=2.0]"]
+        for strategy in ("flexkd",):
             chosen = summary["best_on_validation"][strategy]
             assert chosen["knob"] == "beta"
             assert chosen["value"] == validation_argmax(runs, strategy, metric), (metric, strategy)
