@@ -131,12 +131,7 @@ def run(cfg: DictConfig) -> dict | None:
     # The teacher above is the full-data one; distillation may see only a subset (low data).
     student_task = task.with_train_subset(cfg.data.get("train_fraction", 1.0),
                                           cfg.data.get("subset_seed", 0))
-    data = DistillDataModule(student_task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
-                             eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers, label_words=label_words,
-                             bucket_by_length=cfg.data.bucket_by_length,
-                             alignment_pool=cfg.alignment.pool)
-    data.setup()
+    data = data_module(cfg, student_task, student_tok, teacher_tok, label_words)
     with ctx.timings.stage("student"):
         student = build_student(ctx, task, teacher, data, student_tok, label_words)
         student_init = initial_report(ctx, task, student, student_tok, data)
@@ -194,6 +189,17 @@ def data_report(data: DistillDataModule) -> dict:
     return {"train_examples": len(data.splits["train"]),
             "train_examples_available": data.available.get("train"),
             "train_fraction": data.task.train_fraction, "subset_seed": data.task.subset_seed}
+
+
+def data_module(cfg: DictConfig, task, student_tok, teacher_tok, label_words: bool) -> DistillDataModule:
+    """The run's data, set up: the `data` and `alignment` settings applied to `task`."""
+    data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
+                             eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
+                             num_workers=cfg.data.num_workers, label_words=label_words,
+                             bucket_by_length=cfg.data.bucket_by_length,
+                             alignment_pool=cfg.alignment.pool)
+    data.setup()
+    return data
 
 
 def alignment_report(data: DistillDataModule) -> dict | None:

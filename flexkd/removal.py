@@ -327,13 +327,12 @@ def ranking(probe) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def run_removal(cfg: DictConfig) -> dict:
     """`stage=removal`: results.json with the removal curves; see the module docstring."""
-    from flexkd.data.datamodule import DistillDataModule
     from flexkd.data.tasks import TaskSpec
     from flexkd.evaluation.evaluate import single_token_label_ids
     from flexkd.evaluation.harness_metrics import classification_metrics
     from flexkd.importance import cached_probe
     from flexkd.model_info import ModelInfo
-    from flexkd.pipeline import RunContext, load_tokenizers, report
+    from flexkd.pipeline import RunContext, data_module, load_tokenizers, report
     from flexkd.strategies import build_strategy
     from flexkd.teacher import prepare_teacher
     from flexkd.validation import validate_config
@@ -356,12 +355,7 @@ def run_removal(cfg: DictConfig) -> dict:
                                   teacher_tok, ctx.cache_dir, ctx.resolve,
                                   eval_batch_size=cfg.data.eval_batch_size, label_words=label_words)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
-                             eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers, label_words=label_words,
-                             bucket_by_length=cfg.data.bucket_by_length,
-                             alignment_pool=cfg.alignment.pool)
-    data.setup()
+    data = data_module(cfg, task, student_tok, teacher_tok, label_words)
     model = teacher.model.to(ctx.device)
     d = model.hidden_size
     grid = resolve_grid(settings.get("grid"), d)
