@@ -31,8 +31,13 @@ run: $(STAMP)
 	$(PY) run.py -m strategy=flexkd,sft teacher_store=$(STORE) hydra.sweep.dir=$(RUN_DIR) $(ARGS)
 	$(PY) -m benchmarks.tables $(RUN_DIR)
 
+# Two pytest-xdist workers, a test file each (--dist loadfile keeps a file's tests in order on
+# one worker); they share one session cache (tests/conftest.py). Most of a test's time is a
+# run.py subprocess importing torch/Lightning/transformers (~11 s on one core), so two workers
+# keep both cores busy. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

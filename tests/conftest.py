@@ -22,7 +22,16 @@ FAST = ["trainer.max_steps=6", "trainer.precision=32-true", "trainer.enable_prog
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One cache for the whole session: teacher fine-tunes and probes are shared by tests."""
+    """One cache for the whole session: teacher fine-tunes and probes are shared by tests.
+
+    Under pytest-xdist every worker gets its own base temp; the cache sits one level up so
+    that the workers share it. Each entry is built under its own file lock (flexkd/cache.py),
+    so two workers asking for one entry build it once.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "flexkd-cache"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("flexkd-cache")
 
 
