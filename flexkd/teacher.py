@@ -3,8 +3,8 @@
 The fine-tune is the distillation stage without a teacher: the same DistillDataModule, the
 same DistillationModule with the base `Strategy()` (its defaults keep the task loss alone),
 the same `make_trainer`, and the harness metrics of `evaluate_model`, as for the student. The
-result lives in a `flexkd.cache` entry keyed by (teacher spec, task data, fine-tune settings),
-so a sweep over strategies and seeds fine-tunes and evaluates each teacher once.
+result lives in a `flexkd.cache` entry keyed by (teacher spec, task data, fine-tune settings,
+precision), so a sweep over strategies and seeds fine-tunes and evaluates each teacher once.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from flexkd.evaluation.evaluate import single_token_label_ids
 from flexkd.evaluation.harness_metrics import evaluate_model
 from flexkd.models import TaskModel, apply_final_norm_state, build_model, load_saved_model, save_model
 from flexkd.storage import content_hash
-from flexkd.training import autocast, make_trainer, runtime_device
+from flexkd.training import autocast, make_trainer, precision_key, runtime_device
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,11 @@ def prepare_teacher(spec, finetune, trainer_cfg, task: TaskSpec, tokenizer, cach
     spec = _plain(spec) | ({"classify_with": "label_words"} if label_words else {})
     finetune = _plain(finetune)
     finetune = finetune if finetune.get("enabled") else None
-    key_obj = {"spec": spec, "task": task.fingerprint(), "finetune": finetune}
+    # The precision the fine-tune and the scoring ran in: the same recipe under bf16 and fp32
+    # gives two different teachers, and everything keyed by the teacher's fingerprint (probe,
+    # store, pruned students) follows it.
+    key_obj = {"spec": spec, "task": task.fingerprint(), "finetune": finetune,
+               "precision": precision_key(trainer_cfg)}
 
     def fresh_model() -> TaskModel:
         return build_model(spec, task.format, tokenizer, task.label_names, resolve,

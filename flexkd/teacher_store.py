@@ -36,6 +36,7 @@ from flexkd.errors import ConfigError
 from flexkd.models import ModelOutputs, TaskModel
 from flexkd.storage import atomic_write_json, content_hash
 from flexkd.strategies.base import OutputRequest
+from flexkd.training import precision_key
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,6 @@ def store_decision(setting: str, strategy, teacher: TaskModel | None) -> tuple[b
         # store (flexkd.losses.topk_logit_divergence) is not wired into the logit term yet.
         return False, "logit KD on a causal LM reads the live teacher (top-k store not wired yet)"
     return True, "the teacher is frozen and deterministic (eval mode, fixed inputs)"
-
-
-def precision_key(trainer_cfg) -> str:
-    """The numeric regime the teacher runs in during training: bf16 and fp32 answers differ
-    (beyond bf16 storage rounding), so they are separate entries."""
-    precision = str(trainer_cfg.get("precision", "32-true"))
-    if precision.startswith("bf16"):
-        return "bf16"
-    if precision.startswith("16"):
-        return "fp16"
-    return "fp32"
 
 
 def stored_request(strategy, teacher: TaskModel) -> OutputRequest:

@@ -61,6 +61,18 @@ def runtime_device(trainer_cfg) -> torch.device:
     return torch.device("cpu")
 
 
+def precision_key(trainer_cfg) -> str:
+    """The numeric regime of a stage run under `trainer_cfg` (bf16, fp16 or fp32), for cache
+    keys: a teacher fine-tuned, probed or stored under bf16 differs from one under fp32 beyond
+    rounding, so each regime gets its own entries."""
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    return "fp32"
+
+
 def autocast(trainer_cfg, device: torch.device):
     """The trainer's mixed precision for stages outside Lightning (probe, evaluation)."""
     precision = str(trainer_cfg.get("precision", "32-true"))

@@ -61,3 +61,15 @@ def test_truncated_or_missing_files_are_detected_and_rebuilt(tmp_path, caplog):
 
     (entry / MANIFEST_NAME).unlink()  # interrupted before the manifest was written
     assert not prepare(cfg, task, tok, tmp_path).info["cache_hit"]
+
+
+def test_the_fine_tune_precision_is_part_of_the_teachers_key(tmp_path):
+    # A bf16 fine-tune is another teacher than an fp32 one; reusing it would hand an fp32 run
+    # (and its probe and store, keyed by the teacher's fingerprint) the bf16 teacher.
+    cfg, task, tok = setup(tmp_path)
+    fp32 = prepare(cfg, task, tok, tmp_path)
+    cfg.trainer.precision = "bf16-mixed"
+    bf16 = prepare(cfg, task, tok, tmp_path)
+    assert not bf16.info["cache_hit"] and bf16.fingerprint != fp32.fingerprint
+    cfg.trainer.precision = "32"  # Lightning's other spelling of fp32: the same regime
+    assert prepare(cfg, task, tok, tmp_path).fingerprint == fp32.fingerprint
