@@ -2,22 +2,31 @@
 
 Every distillation step used to rerun the teacher, and every job of a sweep did it again on the
 same sentences. The store runs the teacher once per (teacher fingerprint, task data, layers,
-precision) over the whole train split and keeps its FULL hidden states at those layers and, for
-a classifier teacher, its class logits (`stored_request`). Whatever a strategy makes of them
-(flexkd's k selected dims or directions, whichever score chose them; a projector; CKA; logit
-KD) is applied at read time by the same code that reads the live teacher, so one entry serves
-every strategy at those layers. It is a `flexkd.cache` entry (content key, verified, rebuilt
-when damaged, built once under a file lock when sweep jobs start together):
+logit top-k, precision) over the whole train split and keeps its FULL hidden states at those
+layers, a classifier teacher's class logits and, for a causal-LM teacher whose strategy asks for
+top-k logit KD (`strategy.logit_topk`), its top-k per KD row (`stored_request`). Whatever a
+strategy makes of them (flexkd's k selected dims or directions, whichever score chose them; a
+projector; CKA; logit KD) is applied at read time by the same code that reads the live teacher,
+so one entry serves every strategy at those layers. It is a `flexkd.cache` entry (content key,
+verified, rebuilt when damaged, built once under a file lock when sweep jobs start together):
 
-    store.json      shapes, dtypes, the stored request
-    offsets.bin     int64 (n_examples + 1): example i's tokens are rows offsets[i]:offsets[i+1]
-    hidden_<l>.bin  bf16 (n_tokens, d_T): the valid (non-padding) teacher tokens of layer l
-    logits.bin      bf16 (n_examples, n_classes): class logits
+    store.json          shapes, dtypes, the stored request
+    offsets.bin         int64 (n_examples + 1): example i's tokens are rows offsets[i]:offsets[i+1]
+    hidden_<l>.bin      bf16 (n_tokens, d_T): the valid (non-padding) teacher tokens of layer l
+    logits.bin          bf16 (n_examples, n_classes): class logits
+    kd_offsets.bin      int64 (n_examples + 1): example i's KD rows (the positions that predict
+                        its response tokens) are rows kd_offsets[i]:kd_offsets[i+1]
+    topk_logprobs.bin   bf16 (n_kd_rows, k): the teacher's top-k log-probabilities at the
+                        strategy's temperature (`losses.teacher_topk`), descending
+    topk_ids.bin        int32 (n_kd_rows, k): their vocabulary ids
+    topk_rest.bin       fp32 (n_kd_rows,): the log of the mass outside the top k
 
-The files are memory-mapped, so a job reads only the rows of its batches. `StoredTeacher` is a
-`flexkd.step.TeacherOutputs` like `LiveTeacher`: it rebuilds each batch's padded shape from
-batch["index"] and the teacher attention mask, so the step cannot tell it from the live teacher
-(up to bf16 rounding of the stored values).
+A causal LM's full vocabulary row per response token is too big to keep, so dense logit KD on
+one reads the live teacher (`store_decision`). The files are memory-mapped, so a job reads only
+the rows of its batches. `StoredTeacher` is a `flexkd.step.TeacherOutputs` like `LiveTeacher`:
+it rebuilds each batch's padded shape from batch["index"] and the teacher attention mask, and its
+KD rows in the live teacher's order, so the step cannot tell it from the live teacher (up to
+bf16 rounding of the stored values).
 """
 
 from __future__ import annotations
@@ -31,9 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flexkd import losses
 from flexkd.cache import EntryInfo, get_or_build, read_manifest
 from flexkd.errors import ConfigError
-from flexkd.models import ModelOutputs, TaskModel
+from flexkd.models import ModelOutputs, TaskModel, response_positions
 from flexkd.storage import atomic_write_json, content_hash
 from flexkd.strategies.base import OutputRequest
 from flexkd.training import precision_key
@@ -41,11 +51,19 @@ from flexkd.training import precision_key
 log = logging.getLogger(__name__)
 
 STORE_KIND = "teacher_store"
-STORE_VERSION = 2  # 2: full states (no views), classifier logits always
+# 2: full states (no views), classifier logits always; 3: a causal LM's top-k per KD row
+STORE_VERSION = 3
 STORE_DTYPE = torch.bfloat16
 SETTINGS = ("auto", "off")
 META_FILE = "store.json"
 OFFSETS_FILE = "offsets.bin"
+KD_OFFSETS_FILE = "kd_offsets.bin"
+TOPK_FILES = {"logprobs": "topk_logprobs.bin", "ids": "topk_ids.bin", "rest": "topk_rest.bin"}
+# Rows per teacher_topk call while building: bounds its fp32 (rows, V) temporaries.
+TOPK_CHUNK_ROWS = 1024
+DENSE_CAUSAL_REASON = ("logit KD on a causal LM reads the live teacher: a full vocabulary row per "
+                       "response token is too big to store; set strategy.logit_topk=K (e.g. 128) "
+                       "to read the teacher's top-k from the store")
 
 
 class StoreMismatchError(RuntimeError):
@@ -61,17 +79,19 @@ def store_decision(setting: str, strategy, teacher: TaskModel | None) -> tuple[b
     the teacher is frozen (DistillationModule never trains it) and runs in eval mode (dropout
     off: LiveTeacher forces it), its inputs are the example's token ids, fixed at encoding (no
     augmentation), padding cannot reach valid tokens (attention masks), and the answer is one
-    the store can hold. Precision is part of the store's key."""
+    the store can hold: hidden states, class logits, or a causal LM's top-k per KD row (a
+    strategy with `logit_topk`; `check_logit_knobs` already limits those to one-vocabulary
+    divergences, not chunked, so no term needs the full logits). Precision is part of the
+    store's key."""
     if setting not in SETTINGS:
         raise ConfigError(f"teacher_store={setting!r}; choose one of {SETTINGS}")
     if setting == "off":
         return False, "teacher_store=off"
     if not strategy.needs_teacher or teacher is None:
         return False, f"strategy {strategy.name!r} needs no teacher outputs"
-    if strategy.teacher_request().logits and teacher.kind == "causal_lm":
-        # A vocabulary-sized row per response token is too big to store densely; the top-k
-        # store (flexkd.losses.topk_logit_divergence) is not wired into the logit term yet.
-        return False, "logit KD on a causal LM reads the live teacher (top-k store not wired yet)"
+    request = strategy.teacher_request()
+    if request.logits and teacher.kind == "causal_lm" and request.topk is None:
+        return False, DENSE_CAUSAL_REASON
     return True, "the teacher is frozen and deterministic (eval mode, fixed inputs)"
 
 
@@ -84,15 +104,19 @@ def stored_request(strategy, teacher: TaskModel) -> OutputRequest:
     - Class logits always for a classifier (n_classes per example: tiny).
     - A classifier strategy that asks for no layers (logit_kd: beta = 0) stores the teacher
       layers of its layer_pairs anyway, so it shares the feature strategies' entry at that layer.
+    - A causal LM's logits only as the strategy's top-k at its temperature (k and T are part of
+      the key); a classifier's class logits serve any k at read time, so there they are not.
     Layers are sorted and deduplicated: the entry depends on the set, not on the pair order.
-    A causal LM's logits are never stored (`store_decision` keeps such runs live)."""
+    Dense causal logits are never stored (`store_decision` keeps such runs live)."""
     request = strategy.teacher_request()
     classifier = teacher.kind == "classifier"
     layers = request.layers
     if classifier and not layers:
         layers = tuple(t for _, t in strategy.resolved_pairs)
+    topk = request.topk if request.logits and not classifier else None
     return OutputRequest(layers=tuple(sorted({int(x) for x in layers})),
-                         logits=classifier or request.logits)
+                         logits=classifier or request.logits, topk=topk,
+                         topk_temperature=None if topk is None else float(request.topk_temperature))
 
 
 def request_key(request) -> dict:
@@ -106,8 +130,11 @@ def request_key(request) -> dict:
         else:
             data = view.detach().float().cpu().contiguous().numpy().tobytes()
             views.append({"projection": list(view.shape), "sha": content_hash(data.hex())})
-    return {"layers": [int(x) for x in request.layers], "logits": bool(request.logits),
-            "views": views}
+    key = {"layers": [int(x) for x in request.layers], "logits": bool(request.logits),
+           "views": views}
+    if getattr(request, "topk", None) is not None:  # absent otherwise: the old keys stay as they were
+        key |= {"topk": int(request.topk), "topk_temperature": float(request.topk_temperature)}
+    return key
 
 
 # ----------------------------------------------------------------------------- reading
@@ -125,10 +152,18 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
+def _spans(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Flat store rows of consecutive per-example runs: example b's j-th row is starts[b] + j,
+    listed example after example (the row-major order of a batch's boolean mask)."""
+    first = torch.cumsum(counts, 0) - counts
+    return torch.repeat_interleave(starts - first, counts) + torch.arange(int(counts.sum()))
+
+
 class StoredTeacher:
     """Answers batches from a store entry, in the live teacher's shapes and dtypes: full hidden
     states (`reduced=False`, so a strategy reduces them exactly as it reduces the live
-    teacher's) and the class logits.
+    teacher's), the class logits, or a causal LM's top-k per KD row as `kd_topk` (with
+    `kd_logits=None`: the strategy's logit term then reads the top-k, `teacher_topk_of`).
 
     `layers`: the layers to answer with (the strategy's request: a logit-only strategy reads
     none), all stored ones when None."""
@@ -155,24 +190,36 @@ class StoredTeacher:
         spec = meta.get("logits")
         self.logits = None if spec is None else (
             _open(self.path / spec["file"], STORE_DTYPE, (n, spec["width"])), _dtype(spec["dtype"]))
+        self.topk = None
+        spec = meta.get("topk")
+        if spec is not None:
+            rows, k = spec["rows"], spec["k"]
+            self.kd_offsets = _open(self.path / spec["offsets"], torch.int64, (n + 1,))
+            if int(self.kd_offsets[-1]) != rows:
+                raise StoreMismatchError(f"{spec['offsets']} ends at {int(self.kd_offsets[-1])}, not "
+                                         f"at {rows} KD rows")
+            files = spec["files"]
+            self.topk = losses.TeacherTopK(
+                logprobs=_open(self.path / files["logprobs"], STORE_DTYPE, (rows, k)),
+                ids=_open(self.path / files["ids"], torch.int32, (rows, k)),
+                rest_logprob=_open(self.path / files["rest"], torch.float32, (rows,)))
 
     @property
     def examples(self) -> int:
         return self.meta["examples"]
 
-    def _token_rows(self, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The store rows of the batch's valid tokens, in the row-major order of `mask`."""
+    def _rows(self, offsets: torch.Tensor, index: torch.Tensor, counts: torch.Tensor,
+              what: str) -> torch.Tensor:
+        """The store rows of the batch's examples (`counts` rows each, as the batch has them),
+        example after example in batch order."""
         if int(index.max()) >= self.examples or int(index.min()) < 0:
             raise StoreMismatchError(f"batch index {int(index.max())} is outside the store's "
                                      f"{self.examples} training examples")
-        starts, ends = self.offsets[index], self.offsets[index + 1]
-        lengths = ends - starts
-        if not torch.equal(lengths, mask.sum(1).cpu()):
-            raise StoreMismatchError("the batch's teacher token counts differ from the store's; it "
+        starts = offsets[index]
+        if not torch.equal(offsets[index + 1] - starts, counts):
+            raise StoreMismatchError(f"the batch's teacher {what} counts differ from the store's; it "
                                      "was built from other data or another teacher tokenizer")
-        # Row j of the batch's b-th example sits at starts[b] + j.
-        first = torch.cumsum(lengths, 0) - lengths
-        return torch.repeat_interleave(starts - first, lengths) + torch.arange(int(lengths.sum()))
+        return _spans(starts, counts)
 
     def __call__(self, batch: dict) -> ModelOutputs:
         index = batch["index"].cpu()
@@ -180,16 +227,25 @@ class StoredTeacher:
         device = mask.device
         hidden = {}
         if self.hidden:
-            rows = self._token_rows(index, mask)
+            rows = self._rows(self.offsets, index, mask.sum(1).cpu(), "token")
             for layer, (flat, dtype) in self.hidden.items():
                 padded = torch.zeros(*mask.shape, flat.shape[1], dtype=dtype, device=device)
                 padded[mask] = flat[rows].to(device=device, dtype=dtype)
                 hidden[layer] = padded
-        kd_logits = None
+        kd_logits = kd_topk = None
         if self.logits is not None:
             flat, dtype = self.logits
             kd_logits = flat[index].to(device=device, dtype=dtype)
-        return ModelOutputs(kd_logits=kd_logits, hidden=hidden, logits=kd_logits)
+        if self.topk is not None:
+            # The live teacher's KD rows: `response_positions` of the teacher labels, mask order.
+            counts = response_positions(batch["teacher"]["labels"]).sum(1).cpu()
+            rows = self._rows(self.kd_offsets, index, counts, "KD-row (response-token)")
+            logprobs, ids, rest = self.topk
+            # fp32 log-probs (the loss computes in fp32) and int64 ids, as `losses.teacher_topk`.
+            kd_topk = losses.TeacherTopK(logprobs[rows].to(device=device, dtype=torch.float32),
+                                         ids[rows].to(device=device, dtype=torch.int64),
+                                         rest[rows].to(device=device))
+        return ModelOutputs(kd_logits=kd_logits, hidden=hidden, logits=kd_logits, kd_topk=kd_topk)
 
 
 # ----------------------------------------------------------------------------- building
@@ -218,36 +274,74 @@ def _to(batch, device):
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if torch.is_tensor(t) else t, batch)
 
 
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    """(n + 1,) int64 run starts of n consecutive runs of `counts` rows."""
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets
+
+
+def kd_row_counts(examples: list[dict]) -> torch.Tensor:
+    """Per example, the KD rows a causal teacher gives it: its positions that predict a response
+    token (`response_positions` of its teacher labels, as `CausalLM.forward` picks them)."""
+    return torch.tensor([int(response_positions(torch.tensor([e["teacher"].labels])).sum())
+                         for e in examples], dtype=torch.int64)
+
+
 def write_store(out: Path, teacher: TaskModel, request: OutputRequest, data, *, batch_size: int,
                 device: torch.device, precision) -> dict:
     """Run the teacher over the train split and write what `request` (a `stored_request`)
     names into `out`.
 
     Examples go longest first in batches of similar length (little padding, and the largest
-    batch fails first if memory is short); rows land at their example's offsets."""
+    batch fails first if memory is short); rows land at their example's offsets. A causal LM's
+    logits are reduced to `losses.teacher_topk` at the request's k and temperature right after
+    the forward, a chunk of rows at a time, so no (rows, V) array outlives its batch."""
     if any(v is not None for v in request.views):
         raise ValueError("the store keeps full states; widen the request with stored_request")
+    causal_topk = request.logits and teacher.kind == "causal_lm"
+    if causal_topk and request.topk is None:
+        raise ValueError("the store keeps a causal LM's logits only as a top-k per KD row; "
+                         "give the request a topk (stored_request takes strategy.logit_topk)")
     data.setup()
     examples = data.splits["train"]
     if [e["index"] for e in examples] != list(range(len(examples))):
         raise StoreMismatchError("the train split's examples are not indexed 0..n-1")
     lengths = torch.tensor([len(e["teacher"].input_ids) for e in examples], dtype=torch.int64)
-    offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(lengths, 0)
+    offsets = _offsets(lengths)
     n_tokens = int(offsets[-1])
     np.asarray(offsets.numpy()).tofile(out / OFFSETS_FILE)
 
     files: dict[str, np.memmap] = {}
     meta = {"examples": len(examples), "tokens": n_tokens, "hidden": {}, "logits": None,
-            "request": request_key(request), "store_dtype": str(STORE_DTYPE)}
+            "topk": None, "request": request_key(request), "store_dtype": str(STORE_DTYPE)}
 
-    def sink(name: str, rows: int, width: int) -> np.memmap:
-        if name not in files:  # bf16 bits as int16: numpy has no bfloat16
-            files[name] = np.memmap(out / name, dtype=np.int16, mode="w+", shape=(rows, width))
+    def sink(name: str, shape: tuple[int, ...], dtype=np.int16) -> np.memmap:
+        if name not in files:  # bf16 as its bits in int16: numpy has no bfloat16
+            files[name] = np.memmap(out / name, dtype=dtype, mode="w+", shape=shape)
         return files[name]
 
     def bits(t: torch.Tensor) -> np.ndarray:
         return t.detach().to(STORE_DTYPE).cpu().view(torch.int16).numpy()
+
+    if causal_topk:
+        kd_counts = kd_row_counts(examples)
+        kd_offsets = _offsets(kd_counts)
+        n_kd, k = int(kd_offsets[-1]), int(request.topk)
+        np.asarray(kd_offsets.numpy()).tofile(out / KD_OFFSETS_FILE)
+        meta["topk"] = {"k": k, "temperature": float(request.topk_temperature), "rows": n_kd,
+                        "offsets": KD_OFFSETS_FILE, "files": dict(TOPK_FILES),
+                        "dtypes": {"logprobs": "bfloat16", "ids": "int32", "rest": "float32"}}
+        if teacher.num_outputs > np.iinfo(np.int32).max:
+            raise ConfigError(f"the teacher's {teacher.num_outputs} vocabulary ids do not fit the "
+                              "store's int32 top-k ids; use teacher_store=off")
+        if n_kd == 0:  # no response token at all: empty files (np.memmap cannot map 0 bytes)
+            for name in TOPK_FILES.values():
+                (out / name).write_bytes(b"")
+        else:
+            sink(TOPK_FILES["logprobs"], (n_kd, k))
+            sink(TOPK_FILES["ids"], (n_kd, k), np.int32)
+            sink(TOPK_FILES["rest"], (n_kd,), np.float32)
 
     order = torch.argsort(lengths, descending=True, stable=True)
     progress = _Progress(len(examples), "teacher store")
@@ -255,34 +349,50 @@ def write_store(out: Path, teacher: TaskModel, request: OutputRequest, data, *, 
     teacher.to(device).eval()
     for chunk in order.split(batch_size):
         batch = _to(data.collate([examples[int(i)] for i in chunk]), device)
+        top = None
         with precision, torch.no_grad():
             answer = teacher(batch["teacher"], layers=request.layers)
+            if causal_topk and answer.kd_logits.shape[0]:
+                # Row-wise, so computing it a chunk of rows at a time changes nothing.
+                parts = [losses.teacher_topk(rows, k, request.topk_temperature)
+                         for rows in answer.kd_logits.split(TOPK_CHUNK_ROWS)]
+                top = losses.TeacherTopK(*(torch.cat(column) for column in zip(*parts, strict=True)))
         mask = batch["teacher"]["attention_mask"].bool()
         if answer.hidden:
-            counts = mask.sum(1).cpu()
-            starts = offsets[chunk]
-            first = torch.cumsum(counts, 0) - counts
-            dest = (torch.repeat_interleave(starts - first, counts)
-                    + torch.arange(int(counts.sum()))).numpy()
+            dest = _spans(offsets[chunk], mask.sum(1).cpu()).numpy()
             for layer, h in answer.hidden.items():
                 name = f"hidden_{layer}.bin"
                 meta["hidden"][str(layer)] = {"file": name, "width": h.shape[-1],
                                               "dtype": str(h.dtype)}
-                sink(name, n_tokens, h.shape[-1])[dest] = bits(h[mask])
-        if request.logits:
+                sink(name, (n_tokens, h.shape[-1]))[dest] = bits(h[mask])
+        if causal_topk:
+            counts = response_positions(batch["teacher"]["labels"]).sum(1).cpu()
+            if (not torch.equal(counts, kd_counts[chunk])
+                    or int(counts.sum()) != answer.kd_logits.shape[0]):
+                raise StoreMismatchError("the teacher's KD rows of a batch differ from its examples' "
+                                         "response tokens (the collated labels changed them)")
+            if top is not None:
+                dest = _spans(kd_offsets[chunk], counts).numpy()
+                files[TOPK_FILES["logprobs"]][dest] = bits(top.logprobs)
+                files[TOPK_FILES["ids"]][dest] = top.ids.to(torch.int32).cpu().numpy()
+                files[TOPK_FILES["rest"]][dest] = top.rest_logprob.float().cpu().numpy()
+        elif request.logits:
             if answer.kd_logits.shape[0] != len(chunk):
                 raise ConfigError("the store holds one logit row per example (class logits); "
                                   "this teacher answers per token")
             meta["logits"] = {"file": "logits.bin", "width": answer.kd_logits.shape[-1],
                               "dtype": str(answer.kd_logits.dtype)}
-            sink("logits.bin", len(examples), answer.kd_logits.shape[-1])[chunk.numpy()] = bits(
+            sink("logits.bin", (len(examples), answer.kd_logits.shape[-1]))[chunk.numpy()] = bits(
                 answer.kd_logits)
         progress.update(len(chunk))
     for memmap in files.values():
         memmap.flush()
     atomic_write_json(out / META_FILE, meta)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    return {"examples": len(examples), "tokens": n_tokens, "size_mb": round(size / 2**20, 2)}
+    summary = {"examples": len(examples), "tokens": n_tokens, "size_mb": round(size / 2**20, 2)}
+    if causal_topk:
+        summary |= {"kd_rows": n_kd, "topk": k}
+    return summary
 
 
 @dataclass
@@ -305,6 +415,10 @@ def teacher_store(setting: str, strategy, teacher: TaskModel | None, data, *, ca
     request = stored_request(strategy, teacher)
     key_obj = {"teacher": teacher_fingerprint, "task": data.task.fingerprint(),
                "request": request_key(request), "precision": precision_key(trainer_cfg)}
+    # Responses swapped in at setup (seqkd: the teacher's own answers) are other training data.
+    swapped = getattr(data, "responses", {}).get("train")
+    if swapped:
+        key_obj["responses"] = content_hash({str(i): text for i, text in sorted(swapped.items())})
 
     def build(out: Path) -> dict:
         return write_store(out, teacher, request, data, batch_size=batch_size, device=device,
