@@ -31,12 +31,11 @@ run: $(STAMP)
 	$(PY) run.py -m strategy=flexkd,sft teacher_store=$(STORE) hydra.sweep.dir=$(RUN_DIR) $(ARGS)
 	$(PY) -m benchmarks.tables $(RUN_DIR)
 
-# TEST_WORKERS=2 runs two pytest-xdist workers, a test file each (--dist loadfile), sharing
-# one session cache (tests/conftest.py): 8 min 8 s instead of ~21 min on the 2-core CPU. It
-# is not the default yet: on a fresh clone one run hung at 98% with a forked child of a worker
-# stuck on a lock (most likely the DDP ranks that tests/test_split_invariance.py forks inside a
-# worker whose execnet threads run: fork with threads). Forking tests must spawn first.
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers, a test file each (--dist loadfile), sharing one session cache
+# (tests/conftest.py): most of a test is a run.py subprocess, so the 2 cores overlap well.
+# Tests that start processes spawn them (a forked child of a threaded worker can deadlock).
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 

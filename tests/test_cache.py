@@ -189,7 +189,7 @@ def _build_in_process(root: str, barrier, counter: str) -> None:
 
 
 def test_two_processes_build_an_entry_once(tmp_path):
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # fork of a threaded xdist worker can deadlock
     barrier = ctx.Barrier(2)
     counter = tmp_path / "calls.txt"
     procs = [ctx.Process(target=_build_in_process, args=(str(tmp_path / "cache"), barrier, str(counter)))

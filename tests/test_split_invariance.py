@@ -179,8 +179,9 @@ def test_two_ddp_processes_of_16_equal_one_process_of_32(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "rank0.pt"
-    # fork, as DataLoader workers do: the ranks start without re-importing torch and transformers.
-    mp.start_processes(_ddp_rank, args=(2, port, str(out)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: under pytest-xdist the worker runs execnet threads, and a forked child of a
+    # threaded process can inherit a held lock (one fresh-clone run hung here). Costs an import.
+    mp.start_processes(_ddp_rank, args=(2, port, str(out)), nprocs=2, join=True, start_method="spawn")
     ranked = torch.load(out)
     teacher, student, strategy, data = setup_pair("tiny_causal", "tiny_instruct", "logit_kd", 32)
     one = next(iter(data.train_dataloader()))
