@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,6 +104,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--sweep-steps", type=int, default=150, help="trainer.max_steps per job")
     parser.add_argument("--sweep-args", default="",
                         help="more run.py overrides for the sweep, space-separated")
+    parser.add_argument("--sweep-dir", default=None,
+                        help="keep the two sweeps (and the store side's cache) here; "
+                             "default: a temporary directory, removed afterwards")
     args = parser.parse_args(argv)
     # The store builds' and probes' progress lines.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
@@ -311,10 +316,13 @@ def time_sweep(args, cache_dir: Path) -> dict:
     common = [sys.executable, str(ROOT / "run.py"), "-m", f"experiment={args.sweep_experiment}",
               f"trainer.max_steps={args.sweep_steps}", "trainer.enable_progress_bar=false",
               "resume=never", *args.sweep_args.split()]
-    times = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    times, stages = {}, {}
+    keep = Path(args.sweep_dir).resolve() if args.sweep_dir else None
+    with (nullcontext(keep) if keep else tempfile.TemporaryDirectory()) as tmp:
         fresh = Path(tmp) / "cache"
-        fresh.mkdir()
+        if fresh.exists():
+            shutil.rmtree(fresh)  # the store must be built (and timed) again
+        fresh.mkdir(parents=True)
         for kind in ("teachers", "probe"):  # built once, shared by both sides
             (Path(cache_dir) / kind).mkdir(parents=True, exist_ok=True)
         for sub in Path(cache_dir).iterdir():  # everything but the stores
@@ -331,12 +339,23 @@ def time_sweep(args, cache_dir: Path) -> dict:
             times[setting] = time.perf_counter() - start
             if proc.returncode != 0:
                 raise SystemExit(f"the sweep failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-            jobs = sum(1 for _ in out.rglob("results.json"))
-            print(f"  {jobs} jobs in {times[setting]:.0f} s", flush=True)
+            stages[setting] = stage_medians(out)
+            jobs = stages[setting].pop("jobs")
+            print(f"  {jobs} jobs in {times[setting]:.0f} s; median seconds per job and stage: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in stages[setting].items()), flush=True)
     ratio = times["off"] / times["auto"]
     print(f"\nsweep {args.sweep_experiment} (max_steps={args.sweep_steps}): without the store "
           f"{times['off']:.0f} s, with it {times['auto']:.0f} s: {ratio:.2f}x faster")
-    return {"off_seconds": times["off"], "auto_seconds": times["auto"], "speedup": ratio}
+    return {"off_seconds": times["off"], "auto_seconds": times["auto"], "speedup": ratio,
+            "median_stage_seconds": stages, **({"sweep_dir": str(keep)} if keep else {})}
+
+
+def stage_medians(sweep_dir: Path) -> dict:
+    """The jobs' `timings` (results.json), median per stage, and the number of jobs."""
+    timings = [json.loads(p.read_text()).get("timings", {}) for p in sweep_dir.rglob("results.json")]
+    stages = sorted({k for t in timings for k in t})
+    return {"jobs": len(timings),
+            **{k: statistics.median(t.get(k, 0.0) for t in timings) for k in stages}}
 
 
 if __name__ == "__main__":

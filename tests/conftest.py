@@ -35,6 +35,16 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("flexkd-cache")
 
 
+# `make test` hands test files to two xdist workers in collection order (--dist loadfile); the
+# longest files go first, so that no worker is left running a long file alone at the end.
+LONGEST_FILES = ("test_run_e2e.py", "test_resume.py", "test_teacher_store.py", "test_experiments.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable
+
+
 class RunResult:
     def __init__(self, proc: subprocess.CompletedProcess, out_dir: Path):
         self.proc, self.out_dir = proc, out_dir
