@@ -47,10 +47,11 @@ from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.errors import ConfigError
 from flexkd.models import build_model, trainable_parameters, uses_label_words
+from flexkd.module import adamw
 from flexkd.pipeline import cache_dir_of, load_tokenizers
 from flexkd.sources import resolve_source
 from flexkd.step import LiveTeacher, distill_terms
-from flexkd.storage import content_hash
+from flexkd.storage import atomic_write_json, content_hash
 from flexkd.strategies import SetupContext, available_strategies, build_strategy
 from flexkd.teacher_store import teacher_store
 
@@ -107,6 +108,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sweep-dir", default=None,
                         help="keep the two sweeps (and the store side's cache) here; "
                              "default: a temporary directory, removed afterwards")
+    parser.add_argument("--report", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     # The store builds' and probes' progress lines.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
@@ -170,7 +172,7 @@ def main(argv=None) -> dict:
         runs[name] = {"student": student, "strategy": strategy, "setup_s": setup_s,
                       "store_s": store_s, "store": store, "modes": modes,
                       "times": {mode: [] for mode in modes},
-                      "optimizer": torch.optim.AdamW(params, lr=1e-5),
+                      "optimizer": adamw(params, lr=1e-5, weight_decay=0.01),
                       "extra_params": trainable_parameters(strategy)}
 
     def step(run, batch, teacher_outputs) -> float:
@@ -227,7 +229,23 @@ def main(argv=None) -> dict:
         report["harness"] = harness_vs_bare(runs[name], batches, cfg, args)
     if args.sweep:
         report["sweep"] = time_sweep(args, cache_dir)
+    print_targets(report)
+    if args.report:
+        atomic_write_json(args.report, report)
+        print(f"report: {args.report}")
     return report
+
+
+def print_targets(report: dict) -> None:
+    """Issue 10's three ratios, as measured in this run (those it measured)."""
+    flexkd = report["steps"].get("flexkd", {}).get("store_ratio_to_sft")
+    rows = [("flexkd step with the store / sft step", flexkd, "<= 1.15"),
+            ("Lightning step / bare loop step", report.get("harness", {}).get("ratio"), "<= 1.05"),
+            ("sweep without the store / with it", report.get("sweep", {}).get("speedup"), ">= 2")]
+    print("\ntargets (this run):")
+    for label, value, target in rows:
+        if value is not None:
+            print(f"  {label:<40}{value:>7.2f}  (target {target})")
 
 
 def harness_vs_bare(run, batches, cfg, args) -> dict:
@@ -248,7 +266,7 @@ def harness_vs_bare(run, batches, cfg, args) -> dict:
     def bare() -> list[float]:
         student, strategy = copy.deepcopy(run["student"]), copy.deepcopy(run["strategy"])
         params = [p for p in list(student.parameters()) + list(strategy.parameters()) if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
+        optimizer = adamw(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
         total = len(batches)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, int(total * optim["warmup_ratio"]), total, min_lr_rate=0.1)

@@ -64,12 +64,26 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = adamw(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         # Linear warmup, then a half cosine from lr down to 10% of lr at the last step.
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, int(total * self.warmup_ratio), total, min_lr_rate=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, with PyTorch's fused kernel where the parameters' device has one (CPU, CUDA).
+
+    Same update, far less time on a CPU: one step over MiniLM's 33M parameters took 0.030 s
+    fused against 0.236 s with the default multi-tensor kernel (2-core CPU, fp32), a quarter of
+    a student's training step."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    # Checked here: torch checks devices only at the first step, and fails there.
+    devices = _get_fused_kernels_supported_devices()
+    fused = all(p.is_floating_point() and p.device.type in devices for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def freeze_lower_layers(model: TaskModel, trainable_layers: int) -> None:
