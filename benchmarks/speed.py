@@ -262,11 +262,13 @@ def harness_vs_bare(run, batches, cfg, args) -> dict:
     mode = "store" if "store" in run["modes"] else "live"
     optim = dict(cfg.optim)
     clip = cfg.trainer.get("gradient_clip_val")
+    # The optimizer kernel the harness's trainer gets (flexkd.module.fused_allowed; checked below).
+    fused = not (args.precision == "bf16" and clip)
 
     def bare() -> list[float]:
         student, strategy = copy.deepcopy(run["student"]), copy.deepcopy(run["strategy"])
         params = [p for p in list(student.parameters()) + list(strategy.parameters()) if p.requires_grad]
-        optimizer = adamw(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
+        optimizer = adamw(params, lr=optim["lr"], weight_decay=optim["weight_decay"], fused=fused)
         total = len(batches)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, int(total * optim["warmup_ratio"]), total, min_lr_rate=0.1)
@@ -311,6 +313,7 @@ def harness_vs_bare(run, batches, cfg, args) -> dict:
                                    enable_progress_bar=False)
             student.train()
             trainer.fit(module, train_dataloaders=loader)
+        assert bool(trainer.optimizers[0].defaults["fused"]) == fused, "bare loop: other optimizer kernel"
         return [b - a for a, b in zip(marks.marks, marks.marks[1:], strict=False)]
 
     # bare, Lightning, bare: machine drift between the two is visible (and averaged).

@@ -1,8 +1,10 @@
 """The training optimizer: AdamW with PyTorch's fused kernel (flexkd.module.adamw)."""
 
+import lightning as L
+import pytest
 import torch
 
-from flexkd.module import adamw
+from flexkd.module import adamw, fused_allowed
 
 
 def test_fused_adamw_makes_the_reference_update():
@@ -30,3 +32,15 @@ def test_fused_adamw_makes_the_reference_update():
 def test_parameters_without_a_fused_kernel_get_the_plain_one():
     on_meta = torch.nn.Parameter(torch.ones(3, device="meta"))  # no fused kernel for "meta"
     assert not adamw([on_meta], lr=0.1, weight_decay=0.0).defaults["fused"]
+
+
+@pytest.mark.parametrize("precision,clip,fused", [
+    ("32-true", 1.0, True),
+    ("bf16-true", 1.0, True),
+    ("bf16-mixed", None, True),
+    ("bf16-mixed", 1.0, False),  # Lightning would refuse to clip a fused optimizer's gradients
+])
+def test_the_fused_kernel_only_where_lightning_can_clip_it(precision, clip, fused):
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, gradient_clip_val=clip,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert fused_allowed(trainer) is fused
