@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from transformers import BertConfig, BertModel
 
 from flexkd.errors import NonFiniteLossError
@@ -88,7 +90,9 @@ def test_non_finite_term_names_itself_and_the_step():
 def test_schedule_warms_up_to_lr_then_decays_by_cosine_to_a_tenth():
     lr, total = 1e-3, 20
     module = DistillationModule(classifier(8, 1), Strategy(), lr=lr, warmup_ratio=0.1)
-    module._trainer = SimpleNamespace(estimated_stepping_batches=total)
+    module._trainer = SimpleNamespace(  # what configure_optimizers reads of a Trainer
+        estimated_stepping_batches=total, precision_plugin=Precision(), gradient_clip_val=1.0,
+        strategy=SingleDeviceStrategy(torch.device("cpu")))
     scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     lrs = [scheduler.get_last_lr()[0]]  # lrs[s]: the learning rate of optimizer step s
     for _ in range(total):
