@@ -99,6 +99,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--harness-strategy", default="flexkd",
                         help="the strategy of the Lightning-vs-bare-loop comparison ('' to skip)")
+    parser.add_argument("--harness-rounds", type=int, default=3,
+                        help="Lightning runs of the harness comparison, each between two bare runs")
     parser.add_argument("--sweep", action="store_true",
                         help="also time a run.py sweep with and without the store")
     parser.add_argument("--sweep-experiment", default="rt_polarity_baselines")
@@ -254,7 +256,7 @@ def harness_vs_bare(run, batches, cfg, args) -> dict:
     import lightning as L
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    from flexkd.module import DistillationModule
+    from flexkd.module import DistillationModule, fused_allowed
     from flexkd.training import make_trainer
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -262,10 +264,8 @@ def harness_vs_bare(run, batches, cfg, args) -> dict:
     mode = "store" if "store" in run["modes"] else "live"
     optim = dict(cfg.optim)
     clip = cfg.trainer.get("gradient_clip_val")
-    # The optimizer kernel the harness's trainer gets (flexkd.module.fused_allowed; checked below).
-    fused = not (args.precision == "bf16" and clip)
 
-    def bare() -> list[float]:
+    def bare(fused: bool) -> list[float]:
         student, strategy = copy.deepcopy(run["student"]), copy.deepcopy(run["strategy"])
         params = [p for p in list(student.parameters()) + list(strategy.parameters()) if p.requires_grad]
         optimizer = adamw(params, lr=optim["lr"], weight_decay=optim["weight_decay"], fused=fused)
@@ -299,34 +299,45 @@ def harness_vs_bare(run, batches, cfg, args) -> dict:
             sync(args.device)
             self.marks.append(time.perf_counter())
 
-    def lightning() -> list[float]:
+    def lightning(trainer: L.Trainer, marks: Marks) -> list[float]:
         student, strategy = copy.deepcopy(run["student"]), copy.deepcopy(run["strategy"])
         module = DistillationModule(student, strategy, teacher_outputs=teacher_outputs, **optim)
-        marks = Marks()
         loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = make_trainer(cfg.trainer, tmp, callbacks=[marks], progress="speed",
-                                   accelerator="gpu" if args.device == "cuda" else "cpu",
-                                   precision=trainer_precision(args.precision),
-                                   max_steps=len(batches), max_epochs=None, limit_val_batches=0,
-                                   num_sanity_val_steps=0, enable_checkpointing=False,
-                                   enable_progress_bar=False)
-            student.train()
-            trainer.fit(module, train_dataloaders=loader)
-        assert bool(trainer.optimizers[0].defaults["fused"]) == fused, "bare loop: other optimizer kernel"
+        student.train()
+        trainer.fit(module, train_dataloaders=loader)
         return [b - a for a, b in zip(marks.marks, marks.marks[1:], strict=False)]
 
-    # bare, Lightning, bare: machine drift between the two is visible (and averaged).
-    first, harness, second = bare(), lightning(), bare()
+    def make(tmp: str, marks: Marks) -> L.Trainer:
+        return make_trainer(cfg.trainer, tmp, callbacks=[marks], progress="speed",
+                            accelerator="gpu" if args.device == "cuda" else "cpu",
+                            precision=trainer_precision(args.precision),
+                            max_steps=len(batches), max_epochs=None, limit_val_batches=0,
+                            num_sanity_val_steps=0, enable_checkpointing=False,
+                            enable_progress_bar=False)
+
     skip = args.warmup
-    bare_s = statistics.median(first[skip:] + second[skip:])
-    harness_s = statistics.median(harness[skip:])
+    with tempfile.TemporaryDirectory() as tmp:
+        # The bare loop steps the optimizer kernel the harness's trainer gets (fused or not).
+        fused = fused_allowed(make(tmp, Marks()))
+        # bare, Lightning, bare, ..., bare: a few tens of ms separate the two, about what the
+        # machine drifts in a minute, so the arms alternate and each pools its rounds' steps.
+        bare_runs = [bare(fused)[skip:]]
+        harness_runs = []
+        for _ in range(args.harness_rounds):
+            marks = Marks()
+            harness_runs.append(lightning(make(tmp, marks), marks)[skip:])
+            bare_runs.append(bare(fused)[skip:])
+    bare_s = statistics.median([t for run_ in bare_runs for t in run_])
+    harness_s = statistics.median([t for run_ in harness_runs for t in run_])
+    per_round = lambda runs: " / ".join(f"{statistics.median(r):.3f}" for r in runs)  # noqa: E731
     print(f"\nLightning step vs bare loop ({run['strategy'].name}, {mode} teacher, "
-          f"{len(batches) - skip} steps each): Lightning {harness_s:.3f} s, bare {bare_s:.3f} s "
-          f"(runs {statistics.median(first[skip:]):.3f} / {statistics.median(second[skip:]):.3f}), "
+          f"{args.harness_rounds} Lightning runs between {len(bare_runs)} bare runs, "
+          f"{len(batches) - skip} steps each): Lightning {harness_s:.3f} s "
+          f"(runs {per_round(harness_runs)}), bare {bare_s:.3f} s (runs {per_round(bare_runs)}), "
           f"ratio {harness_s / bare_s:.3f}")
     return {"strategy": run["strategy"].name, "teacher": mode, "lightning_seconds": harness_s,
-            "bare_seconds": bare_s, "ratio": harness_s / bare_s}
+            "bare_seconds": bare_s, "ratio": harness_s / bare_s, "rounds": args.harness_rounds,
+            "lightning_runs": harness_runs, "bare_runs": bare_runs}
 
 
 def time_sweep(args, cache_dir: Path) -> dict:
