@@ -371,6 +371,7 @@ def time_sweep(args, cache_dir: Path) -> dict:
             times[setting] = time.perf_counter() - start
             if proc.returncode != 0:
                 raise SystemExit(f"the sweep failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            check_all_succeeded(out)
             stages[setting] = stage_medians(out)
             jobs = stages[setting].pop("jobs")
             print(f"  {jobs} jobs in {times[setting]:.0f} s; median seconds per job and stage: "
@@ -380,6 +381,22 @@ def time_sweep(args, cache_dir: Path) -> dict:
           f"{times['off']:.0f} s, with it {times['auto']:.0f} s: {ratio:.2f}x faster")
     return {"off_seconds": times["off"], "auto_seconds": times["auto"], "speedup": ratio,
             "median_stage_seconds": stages, **({"sweep_dir": str(keep)} if keep else {})}
+
+
+def check_all_succeeded(sweep_dir: Path) -> None:
+    """A sweep with a failed job exits 0 (the others go on), and its wall time then times fewer
+    jobs than the other side's: refuse to compare it."""
+    summary_path = sweep_dir / "sweep_summary.json"
+    if not summary_path.exists():
+        raise SystemExit(f"the sweep left no {summary_path}; its jobs' outcome is unknown")
+    summary = json.loads(summary_path.read_text())
+    bad = [job for job in summary["jobs"] if job["status"] != "success"]
+    if bad or not summary["jobs"]:
+        lines = "\n".join(f"  job {j['job']} {' '.join(j['overrides'])}: {j['status']}: {j['error']}"
+                          for j in bad)
+        raise SystemExit(f"{len(bad)} of {len(summary['jobs'])} jobs of {sweep_dir} did not succeed, "
+                         f"so its wall time cannot be compared (fix the cause, e.g. free disk "
+                         f"space, and run the benchmark again):\n{lines}")
 
 
 def stage_medians(sweep_dir: Path) -> dict:
