@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 # Keys that do not change what a run computes (where it caches or writes, how it reports
 # progress): they stay out of its directory name and out of its job fingerprint (flexkd.jobs).
-NEUTRAL_KEYS = ("cache_dir", "resume", "debug", "output_dir", "trainer.enable_progress_bar")
+NEUTRAL_KEYS = ("cache_dir", "resume", "debug", "output_dir", "trainer.enable_progress_bar",
+                "checkpoint.keep_last")
 
 
 def command_id() -> str:

@@ -169,6 +169,7 @@ class TrainerLimits(Schema):
 
 class Checkpoint(Schema):
     every_n_steps: int = Field(50, ge=1, description="optimizer steps between training checkpoints")
+    keep_last: bool = Field(False, description="keep a finished job's resume checkpoint")
 
 
 class Alignment(Schema):

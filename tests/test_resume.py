@@ -34,6 +34,8 @@ def run_to_end(out, cache_dir, *extra):
 
 def test_sigkill_mid_training_then_rerun_gives_identical_final_metrics(tmp_path, cache_dir):
     reference = run_to_end(tmp_path / "uninterrupted", cache_dir)
+    # A finished job needs no resume checkpoint (it is skipped on rerun): it is deleted.
+    assert not (tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt").exists()
 
     out = tmp_path / "killed"
     out.mkdir()
@@ -62,9 +64,12 @@ def test_sigkill_mid_training_then_rerun_gives_identical_final_metrics(tmp_path,
     # A finished run is skipped on rerun; resume=never starts afresh.
     again = subprocess.run(command(out, cache_dir), capture_output=True, text=True, timeout=600)
     assert "already finished" in again.stderr + again.stdout
-    fresh = run_to_end(out, cache_dir, "resume=never")
+    assert not (out / "checkpoints" / "last.ckpt").exists()
+    fresh = run_to_end(out, cache_dir, "resume=never", "checkpoint.keep_last=true")
     assert fresh["train"]["resumed_from"] is None
     assert fresh["metrics"]["student"] == reference["metrics"]["student"]
+    assert json.loads((out / "checkpoints" / "last.json").read_text())["step"] == 60
+    assert (out / "checkpoints" / "last.ckpt").stat().st_size > 0
 
 
 def strategy_of(job: dict) -> str:
