@@ -85,6 +85,10 @@ def to_device(batch, device: str):
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if torch.is_tensor(t) else t, batch)
 
 
+def padded_length(batch: dict) -> int:
+    return max(batch["student"]["input_ids"].shape[1], batch["teacher"]["input_ids"].shape[1])
+
+
 def trainer_precision(precision: str) -> str:
     return "bf16-mixed" if precision == "bf16" else "32-true"
 
@@ -207,9 +211,14 @@ def main(argv=None) -> dict:
     print(f"pair={cfg.pair.name} task={task.name} device={args.device} "
           f"precision={args.precision} batch={cfg.data.batch_size} steps={args.steps} "
           f"(median s/step; x sft = / sft's step)")
+    # A step's cost follows its padded length, and bucketed batches vary: the absolute times
+    # hold for batches of these lengths (the ratios compare the same batches).
+    lengths = [padded_length(b) for b in batches[args.warmup:]]
+    print(f"timed batches' padded lengths (the longer side): {lengths}, "
+          f"mean {statistics.mean(lengths):.1f} tokens")
     print(f"{'strategy':<12}{'live s':>9}{'x sft':>7}{'store s':>9}{'x sft':>7}{'setup s':>9}"
           f"{'store MB':>10}{'build s':>9}{'extra params':>14}{'peak GiB':>10}")
-    report = {"steps": {}}
+    report = {"steps": {}, "batch_lengths": lengths}
     for name, run in runs.items():
         live, stored = med[name]["live"], med[name].get("store")
         ratio = lambda t: t / base if base and t is not None else float("nan")  # noqa: E731

@@ -32,26 +32,8 @@ class DistillationModule(L.LightningModule):
         self.teacher_outputs = teacher_outputs or (LiveTeacher(teacher, strategy)
                                                    if teacher is not None else None)
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
-        self._frozen: list[torch.nn.Module] = []
         if trainable_layers is not None:
-            self._frozen = frozen_modules(student, freeze_lower_layers(student, trainable_layers))
-
-    # Frozen blocks run in eval mode (no dropout): they compute fixed features, and dropout
-    # there is noise the trained blocks cannot learn from. It also saves the dropout masks: a
-    # top-2 fine-tune step of the mpnet teacher took 1.63 s instead of 1.86 s (8 batches of
-    # 32, fp32, 2-core CPU). Lightning does not call .train() itself (callers set the mode
-    # before fit), so the fit's start sets them too.
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze_modes()
-        return self
-
-    def on_train_start(self) -> None:
-        self._freeze_modes()
-
-    def _freeze_modes(self) -> None:
-        for module in self._frozen:
-            module.eval()
+            freeze_lower_layers(student, trainable_layers)
 
     @property
     def teacher(self) -> TaskModel | None:
@@ -120,9 +102,8 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def freeze_lower_layers(model: TaskModel, trainable_layers: int) -> list[torch.nn.Module]:
-    """Train only the top `trainable_layers` transformer blocks and the head; returns the
-    trained modules.
+def freeze_lower_layers(model: TaskModel, trainable_layers: int) -> None:
+    """Train only the top `trainable_layers` transformer blocks and the head.
 
     Used to fine-tune large teachers cheaply; 0 trains the head alone. A causal LM whose
     output embeddings are tied to its input embeddings keeps them frozen (training them would
@@ -130,37 +111,15 @@ def freeze_lower_layers(model: TaskModel, trainable_layers: int) -> list[torch.n
     """
     model.requires_grad_(False)
     blocks = transformer_blocks(model.backbone)
-    trained = list(blocks)[len(blocks) - trainable_layers:] if trainable_layers else []
+    for block in list(blocks)[len(blocks) - trainable_layers:] if trainable_layers else []:
+        block.requires_grad_(True)
     head = getattr(model, "head", None)
     if head is None:
         output = model.backbone.get_output_embeddings()
         tied = output.weight is model.backbone.get_input_embeddings().weight
         head = _final_norm(model.backbone) if tied else output
-    trained += [head] if head is not None else []
-    for module in trained:
-        module.requires_grad_(True)
-    return trained
-
-
-def frozen_modules(model: torch.nn.Module, trained: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """The largest submodules outside every trained one that hold no trained parameter: the
-    embeddings, the lower blocks, a dropout between them (not the model's containers that also
-    hold trained blocks, nor a dropout inside a trained block or the head)."""
-    inside = {id(sub) for module in trained for sub in module.modules()}
-    frozen: list[torch.nn.Module] = []
-
-    def visit(module: torch.nn.Module) -> None:
-        if id(module) in inside:
-            return
-        if not any(p.requires_grad for p in module.parameters()) and not any(
-                id(sub) in inside for sub in module.modules()):
-            frozen.append(module)
-            return
-        for child in module.children():
-            visit(child)
-
-    visit(model)
-    return frozen
+    if head is not None:
+        head.requires_grad_(True)
 
 
 def _final_norm(backbone: torch.nn.Module) -> torch.nn.Module | None:

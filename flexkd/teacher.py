@@ -29,7 +29,7 @@ from flexkd.training import autocast, make_trainer, precision_key, runtime_devic
 log = logging.getLogger(__name__)
 
 CACHE_KIND = "teachers"
-CACHE_VERSION = 3  # 2: flexkd.cache entries; 3: frozen blocks fine-tuned without dropout
+CACHE_VERSION = 2  # 2: flexkd.cache entries
 OPTIM_KEYS = ("lr", "weight_decay", "warmup_ratio", "trainable_layers")
 
 
