@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 # pip takes torch==2.13.0 from these machines' local wheel (uv does not look there and would
 # download a CUDA build); uv then installs the rest, the same package versions pip resolves,
-# in parallel: 33 s instead of pip's 93 s for the whole install on a 2-core CPU (warm caches).
+# in parallel: 29-33 s instead of pip's 93 s for the whole install on a 2-core CPU.
 # Where uv fails (a registry it cannot reach), pip installs the rest.
 # --no-compile: Python compiles what it imports, on first use.
 $(STAMP): pyproject.toml

@@ -5,6 +5,7 @@ where the old mean of micro-batch means goes wrong; each test shows that it woul
 
 import os
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -170,6 +171,11 @@ def _ddp_rank(rank: int, world_size: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save({"gradient": torch.cat([p.grad.flatten() for p in student.parameters()]),
                         "units": batch["units"], "step_units": batch["step_units"]}, out)
+        # Both ranks tear down together and the DDP reducer goes first: in one fresh-clone CI
+        # run rank 1 exited while rank 0 hung for 15 min in teardown (futex wait, rank0.pt
+        # already written).
+        del ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -181,7 +187,14 @@ def test_two_ddp_processes_of_16_equal_one_process_of_32(tmp_path):
     out = tmp_path / "rank0.pt"
     # spawn, not fork: under pytest-xdist the worker runs execnet threads, and a forked child of a
     # threaded process can inherit a held lock (one fresh-clone run hung here). Costs an import.
-    mp.start_processes(_ddp_rank, args=(2, port, str(out)), nprocs=2, join=True, start_method="spawn")
+    ranks = mp.start_processes(_ddp_rank, args=(2, port, str(out)), nprocs=2, join=False,
+                               start_method="spawn")
+    deadline = time.monotonic() + 300  # a hang fails here, not at pytest's 20-minute timeout
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two DDP ranks did not finish within 300 s")
     ranked = torch.load(out)
     teacher, student, strategy, data = setup_pair("tiny_causal", "tiny_instruct", "logit_kd", 32)
     one = next(iter(data.train_dataloader()))
