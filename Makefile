@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -o 'torch==[0-9.]*' pyproject.toml)
+PIP    := $(PY) -m pip install --quiet --no-compile --disable-pip-version-check
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -19,9 +20,8 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or set PYTHON=..."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check $(TORCH) uv==0.13.9
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[dev]' \
-	  || $(PY) -m pip install --quiet --no-compile --disable-pip-version-check -e '.[dev]'
+	$(PIP) $(TORCH) uv==0.13.9
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[dev]' || $(PIP) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

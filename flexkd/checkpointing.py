@@ -53,6 +53,13 @@ def resume_path(checkpoint_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def drop_resume_checkpoint(checkpoint_dir: Path) -> None:
+    """Delete the resume checkpoint (student and optimizer state: 270 MB for all-MiniLM-L6-v2;
+    the 15 kept by a finished sweep once filled the disk)."""
+    for name in (LAST, LAST_INFO):
+        (Path(checkpoint_dir) / name).unlink(missing_ok=True)
+
+
 class ResumeCheckpoint(L.Callback):
     def __init__(self, checkpoint_dir: str | Path, every_n_steps: int):
         self.dir = Path(checkpoint_dir)

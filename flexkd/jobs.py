@@ -121,17 +121,11 @@ def run_job(cfg: DictConfig) -> float:
     write_status(out, "success", config=fingerprint, main_metric=results.get("main_metric"),
                  value=main_metric(results))
     if not cfg.checkpoint.get("keep_last", False):
-        drop_resume_checkpoint(out)
+        # Skipped on rerun, a finished job needs no resume checkpoint.
+        from flexkd.checkpointing import drop_resume_checkpoint
+
+        drop_resume_checkpoint(out / "checkpoints")
     return main_metric(results)
-
-
-def drop_resume_checkpoint(out: Path) -> None:
-    """A finished job is skipped on rerun, so its resume checkpoint (student, optimizer state:
-    270 MB for all-MiniLM-L6-v2) only fills the disk: 15 finished jobs of a sweep kept 4 GB."""
-    from flexkd.checkpointing import LAST, LAST_INFO
-
-    for name in (LAST, LAST_INFO):
-        (out / "checkpoints" / name).unlink(missing_ok=True)
 
 
 def _stage(cfg: DictConfig):
