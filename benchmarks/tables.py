@@ -125,7 +125,27 @@ def strategy_settings(runs: list[dict]) -> list[dict]:
         varying = sorted(k for k in keys if len({json.dumps(flat[i].get(k, UNSET)) for i in idx}) > 1)
         for i in idx:
             settings[i] = {k: flat[i].get(k, UNSET) for k in varying}
-    return settings
+    return _split_by_configured_values(runs, settings)
+
+
+def _split_by_configured_values(runs: list[dict], settings: list[dict]) -> list[dict]:
+    """Runs that share a strategy and settings but were configured differently get the differing
+    strategy.* values as settings too. A recorded variant is relative to the defaults of its day:
+    after a default changes (beta 0.5 -> 0.1), an old `flexkd` run and a new one are different."""
+    groups = defaultdict(list)
+    for i, (r, s) in enumerate(zip(runs, settings, strict=True)):
+        if isinstance((r.get("config") or {}).get("strategy"), dict):
+            groups[(r["strategy"], json.dumps(s, sort_keys=True, default=str))].append(i)
+    out = [dict(s) for s in settings]
+    for idx in groups.values():
+        flat = {i: {k: v for k, v in flatten(runs[i]["config"]["strategy"]).items() if k != "name"}
+                for i in idx}
+        keys = set().union(*(f.keys() for f in flat.values())) - set(settings[idx[0]])
+        for k in sorted(keys):
+            if len({json.dumps(flat[i].get(k, UNSET), default=str) for i in idx}) > 1:
+                for i in idx:
+                    out[i][k] = flat[i].get(k, UNSET)
+    return out
 
 
 def config_differences(runs: list[dict]) -> list[dict]:
@@ -298,7 +318,8 @@ def summarise(runs: list[dict], metric: str | None = None, reference: str | None
         variants: dict[str, dict] = {}
         for run, s, c, xy in zip(table_runs, settings, configs, coords, strict=True):
             recorded = run.get("variant") if isinstance(run.get("variant"), dict) else {}
-            strategy_part = recorded.get("label") or settings_label(run["strategy"], s)
+            strategy_part = (recorded["label"] if recorded.get("label") and s == recorded.get("settings", {})
+                             else settings_label(run["strategy"], s))
             label = variant_label(strategy_part, c)
             identity = json.dumps([run["strategy"], s, c], sort_keys=True, default=str)
             v = variants.setdefault(identity, {"label": label, "strategy_part": strategy_part,

@@ -84,8 +84,8 @@ def test_each_arm_passes_full_validation_on_the_real_assets(cache_dir):
 
 CLASS_ARMS = {  # arm: (task, max_steps, batch, max_length, max_test_examples)
     "rt_polarity": ("rt_polarity", 100, 32, 64, None),
-    "imdb": ("imdb", 100, 16, 256, 1000),
-    "bbc_topic": ("bbc_topic", 100, 16, 256, None),
+    "imdb": ("imdb", 100, 16, 128, 1000),
+    "bbc_topic": ("bbc_topic", 100, 16, 128, None),
 }
 STRATEGIES = {"flexkd", "projection", "cka", "logit_kd", "sft"}
 

@@ -133,6 +133,21 @@ def test_old_runs_without_variant_split_on_their_strategy_config(tmp_path):
     assert rows["flexkd[score=random]"]["mean"] == pytest.approx(0.73)
 
 
+def test_runs_recorded_at_different_defaults_do_not_merge(tmp_path):
+    # Both runs recorded `flexkd` (every knob at its default), but the default beta changed
+    # between them (0.5 then 0.1): one row each, labelled by the value each was run with.
+    for name, beta, acc in (("old", 0.5, 0.80), ("new", 0.1, 0.84)):
+        d = write_run(tmp_path, name, "flexkd", 0, acc, settings={"beta": beta})
+        results = json.loads((d / "results.json").read_text())
+        results["variant"] = {"strategy": "flexkd", "settings": {}, "label": "flexkd"}
+        (d / "results.json").write_text(json.dumps(results))
+    write_run(tmp_path, "sft", "sft", 0, 0.78, config={})
+    rows = rows_by_variant(tables.summarise(tables.load_runs([tmp_path])))
+    assert sorted(rows) == ["flexkd[beta=0.1]", "flexkd[beta=0.5]", "sft"]
+    assert rows["flexkd[beta=0.5]"]["mean"] == pytest.approx(0.80)
+    assert rows["flexkd[beta=0.1]"]["mean"] == pytest.approx(0.84)
+
+
 def test_duplicate_run_across_sweeps_names_both_dirs(tmp_path):
     mixed_sweep(tmp_path / "a")
     write_run(tmp_path / "b", "again", "flexkd", 1, 0.99, settings={"score": "random"})
