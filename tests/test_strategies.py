@@ -87,9 +87,12 @@ def test_every_yaml_value_equals_its_class_default(name):
     assert variant_of(composed) == {"strategy": name, "settings": {}, "label": name}
 
 
-def test_flexkd_beta_has_one_default():
-    assert build_strategy("flexkd").beta == 0.5
-    assert strategy_class({"_target_": "flexkd.strategies.flexkd.FlexKD"}).Knobs().beta == 0.5
+def test_feature_weights_have_one_default_each_the_beta_sweep_choice():
+    # experiment=beta_sweep, chosen on validation: flexkd 0.5, projection 0.25, cka 0.5.
+    for name, cls, beta in (("flexkd", "flexkd.FlexKD", 0.5), ("projection", "features.Projection", 0.25),
+                            ("cka", "features.CKA", 0.5)):
+        assert build_strategy(name).beta == beta
+        assert strategy_class({"_target_": f"flexkd.strategies.{cls}"}).Knobs().beta == beta
 
 
 def test_variant_names_the_knobs_that_differ_sorted():
@@ -201,7 +204,7 @@ def test_readme_knob_table_is_the_generated_one():
     table = knob_table()
     assert readme_section(README.read_text()) == table, (
         "README.md's knob table is stale; regenerate: python -m flexkd.strategies.knob_table --write")
-    assert "| `beta` | 1.0 (cka, projection, raw); 0.5 (flexkd); 0.0 (logit_kd, seqkd, sft) | >= 0 |" in table
+    assert "| `beta` | 0.5 (cka, flexkd); 0.0 (logit_kd, seqkd, sft); 0.25 (projection); 1.0 (raw) | >= 0 |" in table
     assert "| `score` | grad (flexkd) | grad \\| grad_x_act \\| fisher \\| activation \\| random |" in table
 
 

@@ -63,6 +63,10 @@ class Projection(FeatureStrategy):
 
     name = "projection"
 
+    class Knobs(FeatureStrategy.Knobs):
+        # Chosen on validation by experiment=beta_sweep (0.1-2.0, 3 seeds; 1.0 before).
+        beta: FeatureWeight = 0.25
+
     def __init__(self, **knobs):
         super().__init__(**knobs)
         self.projectors = nn.ModuleList()
@@ -84,6 +88,10 @@ class CKA(FeatureStrategy):
     """1 - linear CKA between student and teacher token features (any widths)."""
 
     name = "cka"
+
+    class Knobs(FeatureStrategy.Knobs):
+        # Chosen on validation by experiment=beta_sweep (0.1-2.0, 3 seeds; 1.0 before).
+        beta: FeatureWeight = 0.5
 
     def pair_loss(self, student_rows, teacher_rows, index):
         return losses.cka_loss(student_rows, teacher_rows)
