@@ -33,9 +33,13 @@ FORMATS = ("png", "svg")
 def plot_files(summary: dict, out_dir: str | Path) -> list[Path]:
     """Write every plot of `summary` into `out_dir`; returns the files written (PNG and SVG)."""
     out_dir = Path(out_dir)
+    split = summary.get("split", "test")
+    suffix = "" if split == "test" else f".{split}"
     written: list[Path] = []
     for table in summary["tables"]:
-        stem = out_dir / _slug(f"{table['pair']}_{table['task']}_{table['metric']}")
+        stem = out_dir / (_slug(f"{table['pair']}_{table['task']}_{table['metric']}") + suffix)
+        if split != "test":  # the axis labels name the split the numbers come from
+            table = {**table, "metric": f"{table['metric']} ({split})"}
         written += _save(bars(table), f"{stem}.bars")
         if any(r.get("vs") for r in table["rows"]):
             written += _save(forest(table), f"{stem}.forest")
@@ -45,7 +49,7 @@ def plot_files(summary: dict, out_dir: str | Path) -> list[Path]:
             written += _save(sweep(table, dim, series), f"{stem}.sweep-{_slug(dim)}")
     for (task, metric), series in width_ratio_series(summary).items():
         written += _save(ratio_lines(task, metric, series),
-                         str(out_dir / _slug(f"{task}_{metric}.width-ratio")))
+                         str(out_dir / _slug(f"{task}_{metric}{suffix}.width-ratio")))
     for entry in summary.get("removal", []):
         written += _save(removal(entry), str(out_dir / _slug(
             f"{entry['pair']}_{entry['task']}_{entry['metric']}.removal-{entry['label']}")))

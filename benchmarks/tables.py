@@ -92,6 +92,15 @@ def format_value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def output_name(name: str, split: str) -> str:
+    """`table.md` for the test split, `table.validation.md` for another: choosing on validation
+    and then reporting on test writes two sets of files, neither overwriting the other."""
+    if split == "test":
+        return name
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.{split}{dot}{ext}"
+
+
 def settings_label(strategy: str, settings: dict) -> str:
     if not settings:
         return strategy
@@ -504,16 +513,18 @@ def main(argv=None) -> dict:
         summary["best_on_validation"] = collect(summary["tables"])
     table = "\n\n".join(t for t in (markdown(summary), removal_markdown(summary.get("removal", []))) if t)
     out = args.dirs[0]
-    atomic_write_text(out / "table.md", table + "\n")
-    atomic_write_text(out / "table.csv", to_csv(summary))
+    atomic_write_text(out / output_name("table.md", args.split), table + "\n")
+    atomic_write_text(out / output_name("table.csv", args.split), to_csv(summary))
     if not args.no_plots:
         from benchmarks.plots import plot_files
 
         summary["plots"] = [p.name for p in plot_files(summary, out)]
-    atomic_write_json(out / "summary.json", summary)
+    summary_name = output_name("summary.json", args.split)
+    atomic_write_json(out / summary_name, summary)
     print(table)
     plots = f" and {len(summary['plots'])} plot files" if summary.get("plots") else ""
-    print(f"\n{len(all_runs)} runs; table written to {out / 'table.md'} (csv, summary.json{plots} beside it)")
+    print(f"\n{len(all_runs)} runs; table written to {out / output_name('table.md', args.split)} "
+          f"(csv, {summary_name}{plots} beside it)")
     from benchmarks.wandb_report import log_report, made_with_wandb
 
     if args.wandb or made_with_wandb(all_runs):

@@ -105,6 +105,8 @@ def log_report(summary: dict, out_dir: str | Path, runs: list[dict]) -> Path | N
     out_dir, relative to the cwd); returns the run's dir (None when W&B is disabled)."""
     import wandb
 
+    from benchmarks.tables import output_name
+
     out_dir = Path(out_dir)
     cfg = logger_config(runs)
     mode = loggers.resolve_mode(cfg.get("mode"))
@@ -125,7 +127,7 @@ def log_report(summary: dict, out_dir: str | Path, runs: list[dict]) -> Path | N
     exit_code = 1
     try:
         media = {"table": wandb.Table(columns=TABLE_COLUMNS, data=table_rows(summary))}
-        table_md = out_dir / "table.md"
+        table_md = out_dir / output_name("table.md", split)
         if table_md.is_file():
             media["table_md"] = wandb.Html(f"<pre>{html.escape(table_md.read_text())}</pre>",
                                            inject=False, data_is_not_path=True)

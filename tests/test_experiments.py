@@ -190,7 +190,7 @@ def test_tiny_beta_sweep_is_chosen_on_validation_and_reported_to_wandb(
             assert chosen["value"] == validation_argmax(runs, strategy, metric), (metric, strategy)
             assert chosen["variant"] == f"{strategy}[beta={chosen['value']}]"
             assert f"chosen on validation: {strategy} beta={chosen['value']} ({metric}" in (
-                run.out_dir / "table.md").read_text()
+                run.out_dir / "table.validation.md").read_text()
     wandb.teardown()
     # Made with logger=wandb: each tables call logged a report run into the jobs' group.
     job_groups = {read_offline_run(d)["run"].run_group for d in run.out_dir.glob("*/wandb/offline-run-*")}

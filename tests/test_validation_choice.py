@@ -66,10 +66,10 @@ def test_validation_split_chooses_each_strategys_beta(tmp_path):
     # projection 0.5 and 1.0 both average 0.62 on validation: the tie goes to the smaller beta.
     assert best["projection"]["value"] == 0.5 and best["projection"]["mean"] == pytest.approx(0.62)
     assert best["flexkd"]["pair"] == "p" and best["flexkd"]["task"] == "t"
-    saved = json.loads((tmp_path / "summary.json").read_text())
+    saved = json.loads((tmp_path / "summary.validation.json").read_text())
     assert saved["split"] == "validation" and saved["best_on_validation"]["flexkd"]["value"] == 0.5
     assert saved["tables"][0]["best_on_validation"]["projection"]["value"] == 0.5
-    md = (tmp_path / "table.md").read_text()
+    md = (tmp_path / "table.validation.md").read_text()
     assert "### p / t: accuracy on validation" in md
     assert "chosen on validation: flexkd beta=0.5 (accuracy 0.7900" in md
     assert "chosen on validation: projection beta=0.5" in md
@@ -80,6 +80,10 @@ def test_validation_split_chooses_each_strategys_beta(tmp_path):
     assert rows["flexkd[beta=0.1]"]["mean"] == pytest.approx(0.905)
     assert "best_on_validation" not in summary and summary["split"] == "test"
     assert "chosen on validation" not in (tmp_path / "table.md").read_text()
+    # ... written beside the validation files, which it leaves as they were.
+    assert (tmp_path / "table.validation.md").read_text() == md
+    assert json.loads((tmp_path / "summary.validation.json").read_text()) == saved
+    assert json.loads((tmp_path / "summary.json").read_text())["split"] == "test"
 
 
 def test_lower_is_better_metric_takes_the_smallest_mean(tmp_path):
@@ -89,7 +93,7 @@ def test_lower_is_better_metric_takes_the_smallest_mean(tmp_path):
     summary = tables.main([str(tmp_path), "--split", "validation", "--no-plots"])
     best = summary["best_on_validation"]["projection"]
     assert (best["value"], best["mean"], best["higher_is_better"]) == (1.0, 20.5, False)
-    assert "lowest mean among 0.1: 30.5000, 1.0: 20.5000, 2.0: 25.5000" in (tmp_path / "table.md").read_text()
+    assert "lowest mean among 0.1: 30.5000, 1.0: 20.5000, 2.0: 25.5000" in (tmp_path / "table.validation.md").read_text()
 
 
 def test_no_choice_unless_one_numeric_knob_varies(tmp_path):
@@ -151,6 +155,7 @@ def test_wandb_report_logs_table_numbers_and_plots_offline(tmp_path, wandb_env, 
     # Every plot file: PNGs as images (the same bytes), SVGs as HTML.
     pngs = [p for p in summary["plots"] if p.endswith(".png")]
     assert pngs and len(pngs) == len(summary["plots"]) / 2
+    assert all(".validation." in name for name in summary["plots"]), summary["plots"]
     for name in summary["plots"]:
         entry = logged[wandb_report.plot_key(name)]
         if name.endswith(".png"):
