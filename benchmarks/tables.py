@@ -128,12 +128,8 @@ def strategy_settings(runs: list[dict]) -> list[dict]:
         if settings[i] is None:
             old[r["strategy"]].append(i)
     for idx in old.values():
-        flat = {i: {k: v for k, v in flatten(runs[i].get("config", {}).get("strategy") or {}).items()
-                    if k != "name"} for i in idx}
-        keys = set().union(*(f.keys() for f in flat.values()))
-        varying = sorted(k for k in keys if len({json.dumps(flat[i].get(k, UNSET)) for i in idx}) > 1)
-        for i in idx:
-            settings[i] = {k: flat[i].get(k, UNSET) for k in varying}
+        for i, varying in _varying_strategy_values(runs, idx).items():
+            settings[i] = varying
     return _split_by_configured_values(runs, settings)
 
 
@@ -147,14 +143,20 @@ def _split_by_configured_values(runs: list[dict], settings: list[dict]) -> list[
             groups[(r["strategy"], json.dumps(s, sort_keys=True, default=str))].append(i)
     out = [dict(s) for s in settings]
     for idx in groups.values():
-        flat = {i: {k: v for k, v in flatten(runs[i]["config"]["strategy"]).items() if k != "name"}
-                for i in idx}
-        keys = set().union(*(f.keys() for f in flat.values())) - set(settings[idx[0]])
-        for k in sorted(keys):
-            if len({json.dumps(flat[i].get(k, UNSET), default=str) for i in idx}) > 1:
-                for i in idx:
-                    out[i][k] = flat[i].get(k, UNSET)
+        for i, varying in _varying_strategy_values(runs, idx).items():
+            out[i].update({k: v for k, v in varying.items() if k not in settings[i]})
     return out
+
+
+def _varying_strategy_values(runs: list[dict], idx: list[int]) -> dict[int, dict]:
+    """For the runs at `idx`: each one's strategy.* values (name aside) at the keys where they
+    do not all agree (UNSET where a run lacks the key)."""
+    flat = {i: {k: v for k, v in flatten((runs[i].get("config") or {}).get("strategy") or {}).items()
+                if k != "name"} for i in idx}
+    keys = set().union(*(f.keys() for f in flat.values()))
+    varying = sorted(k for k in keys
+                     if len({json.dumps(flat[i].get(k, UNSET), default=str) for i in idx}) > 1)
+    return {i: {k: flat[i].get(k, UNSET) for k in varying} for i in idx}
 
 
 def config_differences(runs: list[dict]) -> list[dict]:
@@ -513,7 +515,8 @@ def main(argv=None) -> dict:
         summary["best_on_validation"] = collect(summary["tables"])
     table = "\n\n".join(t for t in (markdown(summary), removal_markdown(summary.get("removal", []))) if t)
     out = args.dirs[0]
-    atomic_write_text(out / output_name("table.md", args.split), table + "\n")
+    table_name = output_name("table.md", args.split)
+    atomic_write_text(out / table_name, table + "\n")
     atomic_write_text(out / output_name("table.csv", args.split), to_csv(summary))
     if not args.no_plots:
         from benchmarks.plots import plot_files
@@ -523,7 +526,7 @@ def main(argv=None) -> dict:
     atomic_write_json(out / summary_name, summary)
     print(table)
     plots = f" and {len(summary['plots'])} plot files" if summary.get("plots") else ""
-    print(f"\n{len(all_runs)} runs; table written to {out / output_name('table.md', args.split)} "
+    print(f"\n{len(all_runs)} runs; table written to {out / table_name} "
           f"(csv, {summary_name}{plots} beside it)")
     from benchmarks.wandb_report import log_report, made_with_wandb
 
