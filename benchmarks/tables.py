@@ -316,6 +316,18 @@ def find_variant(rows: list[dict], name: str) -> dict | None:
     return loose[0] if len(loose) == 1 else None
 
 
+def without_nan(value):
+    """A copy with NaN (one seed: no std, no interval) as None, so the file is strict JSON
+    (json.dumps writes NaN, which JSON.parse, jq and most readers reject)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    return value
+
+
 def summarise(runs: list[dict], metric: str | None = None, reference: str | None = None) -> dict:
     """Tables per (pair, task, metric) with one row per variant; see the module docstring."""
     by_table: dict[tuple, list[dict]] = defaultdict(list)
@@ -523,7 +535,7 @@ def main(argv=None) -> dict:
 
         summary["plots"] = [p.name for p in plot_files(summary, out)]
     summary_name = output_name("summary.json", args.split)
-    atomic_write_json(out / summary_name, summary)
+    atomic_write_json(out / summary_name, without_nan(summary))
     print(table)
     plots = f" and {len(summary['plots'])} plot files" if summary.get("plots") else ""
     print(f"\n{len(all_runs)} runs; table written to {out / table_name} "

@@ -91,6 +91,22 @@ def test_identical_differences_are_exact():
     assert out["ci95"] == [0.5, 0.5] and out["p_value"] == 0.0
 
 
+def test_one_seed_summary_is_strict_json(tmp_path):
+    # One seed has no std, no interval and no paired test: the table shows "-", the file null.
+    write_run(tmp_path, "flexkd0", "flexkd", 0, 0.8)
+    write_run(tmp_path, "sft0", "sft", 0, 0.7)
+    summary = tables.main([str(tmp_path), "--no-plots"])
+    assert math.isnan(rows_by_variant(summary)["flexkd"]["std"])
+
+    def reject(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    saved = json.loads((tmp_path / "summary.json").read_text(), parse_constant=reject)
+    flex = rows_by_variant(saved)["flexkd"]
+    assert flex["mean"] == 0.8 and flex["std"] is None and flex["ci95"] == [None, None]
+    assert flex["vs"]["mean_diff"] == pytest.approx(0.1) and flex["vs"]["p_value"] is None
+
+
 def test_no_results_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         tables.main([str(tmp_path)])
