@@ -148,8 +148,9 @@ def sweep(table: dict, dim: str, series: list[dict]) -> Figure:
         xs = [x for x, _ in points]
         xs_all += xs
         ax.plot(xs, [r["mean"] for _, r in points], marker="o", color=color, label=s["label"])
-        ax.fill_between(xs, [r["ci95"][0] for _, r in points], [r["ci95"][1] for _, r in points],
-                        color=color, alpha=0.2, linewidth=0)
+        if all(_finite(*r["ci95"]) for _, r in points):  # one seed: no band
+            ax.fill_between(xs, [r["ci95"][0] for _, r in points], [r["ci95"][1] for _, r in points],
+                            color=color, alpha=0.2, linewidth=0)
     log_x = min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100
     if log_x:
         ax.set_xscale("log")

@@ -93,9 +93,11 @@ def test_identical_differences_are_exact():
 
 def test_one_seed_summary_is_strict_json(tmp_path):
     # One seed has no std, no interval and no paired test: the table shows "-", the file null.
-    write_run(tmp_path, "flexkd0", "flexkd", 0, 0.8)
-    write_run(tmp_path, "sft0", "sft", 0, 0.7)
-    summary = tables.main([str(tmp_path), "--no-plots"])
+    write_run(tmp_path, "flexkd0", "flexkd", 0, 0.8, settings={})
+    for beta, acc in ((0.01, 0.78), (1.0, 0.82)):
+        write_run(tmp_path, f"flexkd_{beta}", "flexkd", 0, acc, settings={"beta": beta})
+    write_run(tmp_path, "sft0", "sft", 0, 0.7, settings={})
+    summary = tables.main([str(tmp_path)])
     assert math.isnan(rows_by_variant(summary)["flexkd"]["std"])
 
     def reject(constant):
@@ -105,6 +107,10 @@ def test_one_seed_summary_is_strict_json(tmp_path):
     flex = rows_by_variant(saved)["flexkd"]
     assert flex["mean"] == 0.8 and flex["std"] is None and flex["ci95"] == [None, None]
     assert flex["vs"]["mean_diff"] == pytest.approx(0.1) and flex["vs"]["p_value"] is None
+    # A logger plotting from the file draws the same plots (no bands where there is no interval).
+    replotted = plots.plot_files(saved, tmp_path / "replot")
+    assert sorted(p.name for p in replotted) == sorted(saved["plots"])
+    assert any(".sweep-beta." in name for name in saved["plots"])
 
 
 def test_no_results_is_an_error(tmp_path):
