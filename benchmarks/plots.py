@@ -3,7 +3,8 @@
 Per table: the variants as bars with the 95% t-interval over seeds; a forest plot of the paired
 differences to the reference; the probe's sorted score spectrum with k_p marked; and for every
 sweep over one numeric setting (beta, optim.lr, data.train_fraction...) mean vs value with a
-95% band, and each series' paired difference to the reference at the same value. Per
+95% band, and each series' paired difference to the reference at the same value; for runs that
+scored validation ROUGE-L while training, the learning curves. Per
 stage=removal run: the teacher's metric vs m with top-m, bottom-m and random-m dims removed
 (random: mean with a ±std band). `plot_files(summary, out_dir)` is the one entry point (a W&B
 logger can log the files).
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from benchmarks.tables import width_ratio_series
+from benchmarks.tables import mean_curve, width_ratio_series
 from flexkd.storage import atomic_write_bytes
 
 FORMATS = ("png", "svg")
@@ -47,6 +48,8 @@ def plot_files(summary: dict, out_dir: str | Path) -> list[Path]:
             written += _save(spectra(table), f"{stem}.spectrum")
         for dim, series in numeric_sweeps(table["rows"]).items():
             written += _save(sweep(table, dim, series), f"{stem}.sweep-{_slug(dim)}")
+        if any(r.get("curves") for r in table["rows"]):
+            written += _save(learning_curves(table), f"{stem}.learning-curve")
     for (task, metric), series in width_ratio_series(summary).items():
         written += _save(ratio_lines(task, metric, series),
                          str(out_dir / _slug(f"{task}_{metric}{suffix}.width-ratio")))
@@ -198,6 +201,26 @@ def ratio_lines(task: str, metric: str, series: list[dict]) -> Figure:
     ax.set_xlabel("width ratio d_T / d_S")
     ax.set_ylabel(f"Δ {metric} vs {series[0]['reference']} (paired)")
     ax.set_title(f"{task}: paired difference to {series[0]['reference']} vs width ratio", fontsize=9)
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def learning_curves(table: dict) -> Figure:
+    """Validation ROUGE-L vs training step of every variant that scored checkpoints while
+    training: the mean over seeds at each step (steps every seed reached) and each seed thin."""
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.add_subplot()
+    for r, color in zip([r for r in table["rows"] if r.get("curves")], _palette(), strict=False):
+        for points in r["curves"].values():
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=color, alpha=0.3,
+                    linewidth=0.8)
+        mean = mean_curve(r)
+        ax.plot(list(mean), list(mean.values()), marker="o", color=color,
+                label=f"{r['variant']} (n={len(r['curves'])})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation rougeL (greedy)")
+    ax.set_title(f"{table['pair']} / {table['task']}: learning curves (mean over seeds; thin: "
+                 "each seed)", fontsize=9)
     ax.legend(loc="best", fontsize=8)
     return fig
 

@@ -259,7 +259,19 @@ def _row(key: tuple, runs: list[dict], metric: str | None, label: str, strategy_
         "dirs": [by_seed[s].get("_dir") for s in sorted(by_seed)],
         "probe": _probe_of(first),
         "width_ratio": _common(runs, "width_ratio"),
+        "curves": _validation_curves(by_seed),
     }
+
+
+def _validation_curves(by_seed: dict[int, dict]) -> dict[int, list[list]]:
+    """{seed: [[step, validation rougeL], ...]} of the runs that scored checkpoints during
+    training (eval.select_checkpoint=best_val_rougeL): the learning curve of each seed."""
+    out = {}
+    for seed, run in sorted(by_seed.items()):
+        history = (run.get("checkpoint_selection") or {}).get("history") or []
+        if history:
+            out[seed] = [[int(h["step"]), float(h["rougeL"])] for h in history]
+    return out
 
 
 def _common(runs: list[dict], key: str):
@@ -473,6 +485,33 @@ def removal_markdown(entries: list[dict]) -> str:
     return "\n\n".join(blocks)
 
 
+def mean_curve(row: dict) -> dict[int, float]:
+    """{step: mean validation rougeL over seeds} at the steps every seed of `row` reached."""
+    curves = [dict(map(tuple, points)) for points in row["curves"].values()]
+    return {s: statistics.fmean(c[s] for c in curves)
+            for s in sorted(set.intersection(*(set(c) for c in curves)))}
+
+
+def curves_markdown(summary: dict) -> str:
+    """Per table whose runs scored validation ROUGE-L while training: the mean over seeds at each
+    step every seed of a variant reached (the learning-curve plot's numbers)."""
+    blocks = []
+    for t in summary["tables"]:
+        rows = [r for r in t["rows"] if r.get("curves")]
+        if not rows:
+            continue
+        means = {r["variant"]: mean_curve(r) for r in rows}
+        steps = sorted(set().union(*means.values()))
+        lines = [f"### {t['pair']} / {t['task']}: validation rougeL (greedy) while training, "
+                 "mean over seeds", "",
+                 "| variant | " + " | ".join(f"step {s}" for s in steps) + " |",
+                 "|---|" + "---|" * len(steps)]
+        lines += [f"| {variant} | " + " | ".join(_f(m.get(s, math.nan), 2) for s in steps) + " |"
+                  for variant, m in means.items()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def to_csv(summary: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -525,7 +564,8 @@ def main(argv=None) -> dict:
         for t in summary["tables"]:
             t["best_on_validation"] = best_on_validation(t)
         summary["best_on_validation"] = collect(summary["tables"])
-    table = "\n\n".join(t for t in (markdown(summary), removal_markdown(summary.get("removal", []))) if t)
+    table = "\n\n".join(t for t in (markdown(summary), curves_markdown(summary),
+                                    removal_markdown(summary.get("removal", []))) if t)
     out = args.dirs[0]
     table_name = output_name("table.md", args.split)
     atomic_write_text(out / table_name, table + "\n")

@@ -23,7 +23,7 @@ STRATEGY_DEFAULTS = {
 
 
 def write_run(root, name, strategy, seed, acc, teacher=0.9, settings=None, config=None,
-              variant=True, spectrum=None):
+              variant=True, spectrum=None, extra=None):
     """One results.json shaped like pipeline.run()'s (the parts tables read)."""
     d = root / name
     d.mkdir(parents=True)
@@ -46,6 +46,7 @@ def write_run(root, name, strategy, seed, acc, teacher=0.9, settings=None, confi
     if spectrum is not None:
         results["probe"] = {"probes": [{"spectrum": spectrum, "k": 2,
                                         "effective_dims": {"0.5": 1, "0.9": 3}}]}
+    results.update(extra or {})
     (d / "results.json").write_text(json.dumps(results))
     return d
 
@@ -111,6 +112,30 @@ def test_one_seed_summary_is_strict_json(tmp_path):
     replotted = plots.plot_files(saved, tmp_path / "replot")
     assert sorted(p.name for p in replotted) == sorted(saved["plots"])
     assert any(".sweep-beta." in name for name in saved["plots"])
+
+
+def test_learning_curves_from_validation_scores_during_training(tmp_path):
+    def history(*points):
+        return {"checkpoint_selection": {"select_checkpoint": "best_val_rougeL",
+                                         "history": [{"step": s, "rougeL": v} for s, v in points]}}
+
+    write_run(tmp_path, "f0", "flexkd", 0, 20.0, extra=history((10, 5.0), (20, 9.0), (30, 11.0)))
+    # Seed 1 stopped at step 20 (a shorter budget): the mean covers the steps both reached.
+    write_run(tmp_path, "f1", "flexkd", 1, 22.0, extra=history((10, 7.0), (20, 12.0)))
+    write_run(tmp_path, "s0", "sft", 0, 18.0, extra=history((10, 4.0), (20, 6.0)))
+    write_run(tmp_path, "s1", "sft", 1, 19.0)  # selected the last checkpoint: no curve
+    summary = tables.main([str(tmp_path)])
+    rows = rows_by_variant(summary)
+    assert rows["flexkd"]["curves"] == {0: [[10, 5.0], [20, 9.0], [30, 11.0]], 1: [[10, 7.0], [20, 12.0]]}
+    assert tables.mean_curve(rows["flexkd"]) == {10: 6.0, 20: 10.5}
+    assert tables.mean_curve(rows["sft"]) == {10: 4.0, 20: 6.0}
+    table_md = (tmp_path / "table.md").read_text()
+    assert "| variant | step 10 | step 20 |" in table_md
+    assert "| flexkd | 6.00 | 10.50 |" in table_md and "| sft | 4.00 | 6.00 |" in table_md
+    png = tmp_path / "p_t_accuracy.learning-curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Runs without a validation history draw no learning curve.
+    assert not rows_by_variant(tables.main([str(tmp_path / "s1"), "--no-plots"]))["sft"]["curves"]
 
 
 def test_no_results_is_an_error(tmp_path):
