@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from benchmarks.tables import without_nan
 from flexkd import loggers
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def table_rows(summary: dict) -> list[list]:
                          r["mean"], r["std"], r["ci95"][0], r["ci95"][1], r["n_seeds"], r["teacher"],
                          vs.get("reference"), vs.get("mean_diff"), vs.get("p_value")])
     # NaN (one seed: no std or CI) is no JSON value; W&B tables take None as an empty cell.
-    return [[None if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows]
+    return without_nan(rows)
 
 
 def plot_key(filename: str) -> str:
