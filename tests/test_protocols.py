@@ -286,6 +286,27 @@ def test_llama7b_sheared1b_trains_at_a_llama_lr():
     check_schema(cfg)
 
 
+def test_pruned_smollm2_pairs_carry_a_cpu_budget_for_headlines():
+    for pair in ("smollm2_w384", "smollm2_w288", "smollm2_w192"):
+        cfg = _compose(f"pair={pair}", "task=bbc_headline")
+        assert cfg.task.prompt_template == "chat" and cfg.task.max_length == 192
+        assert cfg.task.max_prompt_words == 80
+        assert cfg.task.max_train_examples == 512 and cfg.trainer.max_steps == 160
+        assert cfg.eval.select_checkpoint == "best_val_rougeL" and cfg.eval.limit == 64
+        # Every block of the teacher is fine-tuned (the top two alone left it answering nothing).
+        assert cfg.teacher_finetune.trainable_layers is None and cfg.teacher_finetune.lr == 1e-4
+        check_schema(cfg)
+    # Other tasks keep the defaults; experiments and command-line keys win over the preset.
+    cls = _compose("pair=smollm2_w288", "task=rt_polarity")
+    assert cls.trainer.max_steps == 150 and cls.task.max_length != 192
+    exp = _compose("experiment=paper_instruction", "trainer.max_steps=4")
+    assert exp.trainer.max_steps == 4 and exp.eval.sampling and exp.eval.max_gen_toks is None
+    assert exp.task.prompt_template == "chat" and exp.eval.select_checkpoint == "best_val_rougeL"
+    # The SmolLM2 width arms run at the same budget, so they share one teacher.
+    arm = _compose("experiment=paper_width_ratio", "+width_arm=smollm2_r3")
+    assert arm.pair.name == "smollm2_w192" and arm.task.max_train_examples == 512
+
+
 def test_other_pairs_keep_the_defaults():
     cfg = _compose("pair=tiny_causal", "task=tiny_instruct")
     assert cfg.teacher_finetune.lr == 1e-3 and cfg.trainer.max_steps == 150
