@@ -39,11 +39,23 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; set it back at once
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates its file 0600; results, tables and plots get the mode a plain open() would
+# give them, so that colleagues on a shared cluster can read a sweep.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

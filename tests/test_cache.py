@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flexkd.cache import MANIFEST_NAME, NOT_BUILT, adopt_entry, check_entry, entry_key, get_or_build
-from flexkd.storage import content_hash
+from flexkd.storage import atomic_write_bytes, atomic_write_json, content_hash
 
 
 def _writer(calls: list, payload: bytes = b"hello cache"):
@@ -200,3 +200,15 @@ def test_two_processes_build_an_entry_once(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     assert counter.read_text() == "built\n"
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    # mkstemp makes its file 0600: results and plots written through it were unreadable to
+    # anyone else on a shared machine.
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    atomic_write_json(tmp_path / "results.json", {"accuracy": 0.5})
+    atomic_write_bytes(tmp_path / "plot.png", b"\x89PNG")
+    for name in ("results.json", "plot.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    assert json.loads((tmp_path / "results.json").read_text()) == {"accuracy": 0.5}
