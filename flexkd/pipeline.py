@@ -134,7 +134,8 @@ def run(cfg: DictConfig) -> dict | None:
     data = data_module(cfg, student_task, student_tok, teacher_tok, label_words)
     with ctx.timings.stage("student"):
         student = build_student(ctx, task, teacher, data, student_tok, label_words)
-        student_init = initial_report(ctx, task, student, student_tok, data)
+        student, healing = heal_student(ctx, student, data, student_tok)
+        student_init = initial_report(ctx, task, student, student_tok, data) | {"healing": healing}
 
     with ctx.timings.stage("probe"):
         setup_strategy(ctx, strategy, teacher, student, data)
@@ -224,6 +225,21 @@ def build_student(ctx: RunContext, task, teacher, data, tokenizer, label_words: 
     return build_model(spec, task.format, tokenizer, task.label_names, ctx.resolve, seed=ctx.cfg.seed,
                        label_words=label_words, cache_dir=ctx.cache_dir, calibration=calibration,
                        prune_scores=scores)
+
+
+def heal_student(ctx: RunContext, student, data, tokenizer):
+    """(student, record): the student after its healing pass (`pair.student.heal`, cached), or
+    as it was and None when the pair asks for none."""
+    from flexkd.healing import heal_settings, healed_student
+
+    heal = heal_settings(OmegaConf.to_container(ctx.cfg.pair.student, resolve=True))
+    if heal is None:
+        return student, None
+    student, record = healed_student(student, heal, data, tokenizer, ctx.cfg.trainer, ctx.cache_dir)
+    # Healing draws random numbers only when it builds: reseed so that distillation's random
+    # stream is the same whether the healed student came from the cache or not.
+    L.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
+    return student, record
 
 
 def pruning_probe(ctx: RunContext, prune: dict, teacher, data):

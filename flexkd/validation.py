@@ -94,6 +94,15 @@ class Finetune(Schema):
     seed: int = Field(0, ge=0, description="teacher fine-tune seed")
 
 
+class Heal(Schema):
+    steps: int = Field(0, ge=0, description="steps of next-token loss on every token of the "
+                       "training text (prompt and response) before distillation; 0: none")
+    lr: float = Field(2e-4, gt=0, description="healing learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="healing AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of healing steps in warmup")
+    seed: int = Field(0, ge=0, description="healing seed (the same for every run seed)")
+
+
 class ModelSpec(Schema):
     name: str = Field(description="a display name")
     path: str | None = Field(None, description="a local dir, hub name or asset:<name>; null: "
@@ -107,6 +116,8 @@ class ModelSpec(Schema):
                                "<source>, hidden_size, num_heads, intermediate_size, "
                                "keep_layers|num_layers, rank_by, probe_layer, probe_score} "
                                "(flexkd.pruning)")
+    heal: Heal | None = Field(None, description="students: a healing pass before distillation "
+                              "(flexkd.healing; for pruned causal students)")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = Field(
         None, description="weights dtype; null: float32")
     final_norm_state: Literal["post", "pre"] = Field(
