@@ -76,7 +76,7 @@ def healed_student(student: TaskModel, heal: dict, data, tokenizer, trainer_cfg,
                  heal["steps"])
         finetune_teacher(WholeTextLM(student.backbone), data,
                          {**heal, "max_steps": heal["steps"], "trainable_layers": None},
-                         trainer_cfg, cache_dir / "tmp")
+                         trainer_cfg, cache_dir / "tmp", progress="healing")
         seconds = round(time.perf_counter() - start, 3)
         save_model(student, tokenizer, out / "model")
         record = {"validation_before": before, "validation_after": validation(student),

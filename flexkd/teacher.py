@@ -46,8 +46,9 @@ def _plain(node) -> dict:
 
 
 def finetune_teacher(model: TaskModel, data: DistillDataModule, finetune: dict, trainer_cfg,
-                     work_dir: Path) -> None:
-    """Train the teacher on the task with the task loss alone: distillation with no teacher."""
+                     work_dir: Path, progress: str = "teacher fine-tune") -> None:
+    """Train the teacher on the task with the task loss alone: distillation with no teacher.
+    (flexkd.healing trains a student with it too; `progress` names the loop in the logs.)"""
     import lightning as L
 
     from flexkd.module import DistillationModule
@@ -56,7 +57,7 @@ def finetune_teacher(model: TaskModel, data: DistillDataModule, finetune: dict, 
     L.seed_everything(finetune.get("seed", 0), workers=True, verbose=False)
     module = DistillationModule(model, Strategy(), teacher=None,
                                 **{k: finetune[k] for k in OPTIM_KEYS if k in finetune})
-    trainer = make_trainer(trainer_cfg, work_dir, progress="teacher fine-tune",
+    trainer = make_trainer(trainer_cfg, work_dir, progress=progress,
                            max_steps=finetune["max_steps"],
                            max_epochs=finetune.get("max_epochs"), limit_val_batches=0,
                            enable_checkpointing=False, num_sanity_val_steps=0,

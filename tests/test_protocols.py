@@ -295,6 +295,7 @@ def test_pruned_smollm2_pairs_carry_a_cpu_budget_for_headlines():
         assert cfg.eval.select_checkpoint == "best_val_rougeL" and cfg.eval.limit == 64
         # Every block of the teacher is fine-tuned (the top two alone left it answering nothing).
         assert cfg.teacher_finetune.trainable_layers is None and cfg.teacher_finetune.lr == 1e-4
+        assert cfg.pair.student.heal.steps == 150  # the pruned student is healed first
         check_schema(cfg)
     # Other tasks keep the defaults; experiments and command-line keys win over the preset.
     cls = _compose("pair=smollm2_w288", "task=rt_polarity")
