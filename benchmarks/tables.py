@@ -67,8 +67,28 @@ def load_runs(dirs: list[Path]) -> list[dict]:
                 print(f"skipping unreadable {path}: {e}", file=sys.stderr)
                 continue
             run["_dir"] = str(path.parent)
-            runs.append(run)
+            runs.append(as_trained_job(run))
     return runs
+
+
+def as_trained_job(run: dict) -> dict:
+    """A `stage=eval` run of a student that a training job saved (`eval_model=<job>/student`,
+    same task) is that job re-scored: it takes the job's identity (pair, strategy, seed and
+    config: the re-scoring's own seed is 0 whichever seed trained the student) with the
+    re-scoring's `eval` settings and metrics. It lands in the job's variant row, and apart from
+    the job's own scores wherever the two `eval` sections differ (greedy vs sampled)."""
+    if run.get("stage") != "eval" or not run.get("model"):
+        return run
+    job = Path(run["model"]).parent / "results.json"
+    if not job.is_file():
+        return run
+    trained = json.loads(job.read_text())
+    if trained.get("stage") == "eval" or trained.get("task") != run.get("task"):
+        return run
+    config = {**trained.get("config", {}), "eval": run.get("config", {}).get("eval")}
+    return {**trained, "config": config, "rescored_from": str(job.parent),
+            **{key: run[key] for key in ("metrics", "main_metric", "eval_settings", "samples",
+                                         "_dir") if key in run}}
 
 
 def metric_of(run: dict, metric: str | None, who: str = "student") -> float | None:

@@ -375,7 +375,9 @@ def evaluate_only(cfg: DictConfig) -> dict:
     ctx = RunContext.create(cfg)
     with ctx.timings.stage("load"):
         validate_config(cfg, ctx.resolve)
-        model, tokenizer = load_saved_model(ctx.resolve(str(cfg.eval_model)))
+        # Absolute, so that benchmarks.tables finds the training job beside it from anywhere.
+        model_dir = str(Path(ctx.resolve(str(cfg.eval_model))).resolve())
+        model, tokenizer = load_saved_model(model_dir)
         task = TaskSpec.from_config(cfg.task, ctx.resolve)
         data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size,
                                  label_words=model.kind == "causal_lm")
@@ -383,7 +385,7 @@ def evaluate_only(cfg: DictConfig) -> dict:
     with ctx.timings.stage("evaluate"), ctx.precision():
         scored = evaluate_on_task(model, tokenizer, task, data.test_dataloader(), cfg.eval)
     return report(ctx, {
-        "stage": "eval", "model": str(cfg.eval_model), "pair": cfg.pair.name, "task": task.name,
+        "stage": "eval", "model": model_dir, "pair": cfg.pair.name, "task": task.name,
         "strategy": "eval", "seed": int(cfg.seed), "main_metric": cfg.task.main_metric,
         "metrics": {"student": scored["metrics"]},
         "eval_settings": scored["settings"] or {"batch_size": cfg.data.eval_batch_size},

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from benchmarks import tables
+
 pytestmark = pytest.mark.slow
 
 ENCODER_STRATEGIES = ["flexkd", "projection", "cka", "logit_kd", "sft"]
@@ -100,7 +102,7 @@ def test_sweep_of_three_strategies_and_two_seeds(run_cli):
 
 
 def test_standalone_eval_reproduces_the_training_runs_scores(run_cli, tmp_path):
-    trained = run_cli("pair=tiny_causal", "task=tiny_instruct", "strategy=logit_kd",
+    trained = run_cli("pair=tiny_causal", "task=tiny_instruct", "strategy=logit_kd", "seed=1",
                       "eval.limit=16").results()
     assert "rougeL" in trained["metrics"]["student"] and "rougeL" in trained["metrics"]["teacher"]
     assert trained["samples"] and {"prompt", "reference", "student", "teacher"} <= set(trained["samples"][0])
@@ -110,6 +112,14 @@ def test_standalone_eval_reproduces_the_training_runs_scores(run_cli, tmp_path):
     scores = evaluated.results()["metrics"]["student"]
     for key in ("perplexity", "rougeL", "rouge1", "perplexity_word"):
         assert scores[key] == pytest.approx(trained["metrics"]["student"][key], rel=1e-6), key
+    # benchmarks.tables files the re-scoring under the training job (strategy, seed 1), and
+    # with the same eval settings it is that job's own measurement again.
+    (rescored,) = tables.load_runs([evaluated.out_dir])
+    assert (rescored["strategy"], rescored["seed"]) == ("logit_kd", 1)
+    job_dir = Path(trained["paths"]["student"]).parent
+    assert Path(rescored["rescored_from"]).resolve() == job_dir.resolve()
+    with pytest.raises(tables.DuplicateRunError):
+        tables.summarise(tables.load_runs([evaluated.out_dir, job_dir]))
 
 
 def test_classification_on_a_causal_pair_is_scored_as_multiple_choice(run_cli):

@@ -265,6 +265,47 @@ def test_differing_budget_makes_separate_rows(tmp_path):
     assert summary["tables"][0]["varying_config"] == ["optim.lr"]
 
 
+
+def test_rescored_students_join_their_training_jobs_rows(tmp_path):
+    """`stage=eval eval_model=<job>/student` results take the job's strategy and seed (the
+    re-scoring's own seed is 0), and a differing eval section keeps them apart from the job's
+    own scores."""
+    sampled, greedy = {}, {}
+    for strategy, scores in (("flexkd", {1: (0.30, 0.60), 2: (0.32, 0.66)}),
+                             ("sft", {1: (0.28, 0.50), 2: (0.30, 0.58)})):
+        for seed, (on_train, rescored) in scores.items():
+            job = write_run(tmp_path / "sweep", f"{strategy}{seed}", strategy, seed, on_train,
+                            settings={})
+            results = json.loads((job / "results.json").read_text())
+            results["config"]["eval"] = {"sampling": True}
+            (job / "results.json").write_text(json.dumps(results))
+            config = {**copy.deepcopy(BASE_CONFIG), "seed": 0, "stage": "eval",
+                      "eval_model": str(job / "student"), "eval": {"sampling": False}}
+            eval_dir = tmp_path / "greedy" / f"{strategy}{seed}"
+            eval_dir.mkdir(parents=True)
+            (eval_dir / "results.json").write_text(json.dumps({
+                "stage": "eval", "model": str(job / "student"), "pair": "p", "task": "t",
+                "strategy": "eval", "seed": 0, "main_metric": "accuracy",
+                "metrics": {"student": {"accuracy": rescored}}, "config": config}))
+            sampled.setdefault(strategy, []).append(on_train)
+            greedy.setdefault(strategy, []).append(rescored)
+
+    runs = tables.load_runs([tmp_path / "greedy"])
+    assert sorted((r["strategy"], r["seed"]) for r in runs) == [
+        ("flexkd", 1), ("flexkd", 2), ("sft", 1), ("sft", 2)]
+    assert all(r["rescored_from"].startswith(str(tmp_path / "sweep")) for r in runs)
+    rows = rows_by_variant(tables.main([str(tmp_path / "greedy"), "--reference", "sft",
+                                        "--no-plots"]))
+    assert rows["flexkd"]["mean"] == pytest.approx(0.63)
+    assert rows["flexkd"]["vs"]["mean_diff"] == pytest.approx(0.09)  # 0.10 and 0.08, seeds 1, 2
+    assert math.isnan(rows["flexkd"]["teacher"])  # the re-scoring scored no teacher
+
+    both = rows_by_variant(tables.main([str(tmp_path / "sweep"), str(tmp_path / "greedy"),
+                                        "--no-plots"]))
+    assert {label: row["mean"] for label, row in both.items()} == pytest.approx({
+        "flexkd {eval.sampling=false}": 0.63, "flexkd {eval.sampling=true}": 0.31,
+        "sft {eval.sampling=false}": 0.54, "sft {eval.sampling=true}": 0.29})
+
 def test_plots_of_a_beta_sweep(tmp_path):
     spectrum = [4.0, 2.0, 1.0, 0.5, 0.0]
     for seed in (0, 1):
