@@ -53,9 +53,10 @@ step encoder_table "$PY" -m benchmarks.tables "$OUT_DIR/encoder"
 step causal_sweep "$PY" run.py -m pair=tiny_causal task=tiny_instruct \
   strategy=flexkd,logit_kd,sft "${COMMON[@]}" hydra.sweep.dir="$OUT_DIR/causal"
 step causal_table "$PY" -m benchmarks.tables "$OUT_DIR/causal"
-step speed_tiny "$PY" -m benchmarks.speed pair=tiny_encoder task=tiny_cls \
-  --device "$DEVICE" --precision bf16 --steps "${SPEED_STEPS:-20}" --warmup 3 --report "$OUT_DIR/speed_tiny.json"
+SPEED=(--device "$DEVICE" --precision bf16 --steps "${SPEED_STEPS:-20}" --warmup 3)
+step speed_tiny "$PY" -m benchmarks.speed pair=tiny_encoder task=tiny_cls "${SPEED[@]}" \
+  --report "$OUT_DIR/speed_tiny.json"
 step speed_base "$PY" -m benchmarks.speed pair=tiny_encoder task=tiny_cls "${BASE_PAIR[@]}" \
-  --device "$DEVICE" --precision bf16 --steps "${SPEED_STEPS:-20}" --warmup 3 --report "$OUT_DIR/speed_base.json"
+  "${SPEED[@]}" --report "$OUT_DIR/speed_base.json"
 step kd_memory "$PY" -m benchmarks.kd_memory --device "$DEVICE" --rows 8192
 exit $status

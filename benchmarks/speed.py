@@ -9,7 +9,8 @@ Three measurements, in one run:
 
 1. Every strategy's step, with the live teacher and with the teacher-output store
    (flexkd.teacher_store), timed on the same batches round-robin (A B C A B C ...) so that
-   machine noise hits all of them alike, each as a ratio to plain fine-tuning (`sft`).
+   machine noise hits all of them alike, each as a ratio to plain fine-tuning (`sft`), after
+   one untimed step of each at every batch shape.
    The store covers the benchmark's own training examples (`task.max_train_examples` is set
    to steps x batch unless given); reading it does not depend on its size (memory-mapped).
 2. The harness's Lightning step (DistillationModule + Trainer, as run.py trains) against a
