@@ -69,6 +69,25 @@ def test_instruction_sweep_has_both_kl_directions_and_seqkd():
     assert len(variants) == len(all_jobs) == 7 * 3
 
 
+
+def test_smollm2_ratio_2_arm_trains_exactly_the_instruction_sweeps_students():
+    """paper_width_ratio's smollm2_r2 jobs are paper_instruction's jobs of the same strategy
+    and seed scored greedy: no training setting differs, so the instruction sweep's students,
+    re-scored with `stage=eval eval=default`, are that arm's results (README "Pruned students")."""
+    import flexkd.cli  # noqa: F401  (the config's resolvers)
+    from benchmarks.tables import flatten
+
+    for strategy in ("flexkd", "projection", "cka", "logit_kd", "sft"):
+        width = flatten(OmegaConf.to_container(compose_job(
+            "experiment=paper_width_ratio", "+width_arm=smollm2_r2", f"strategy={strategy}",
+            "seed=2"), resolve=True))
+        instruction = flatten(OmegaConf.to_container(compose_job(
+            "experiment=paper_instruction", f"+instruction_arm={strategy}", "seed=2"),
+            resolve=True))
+        differing = {k: (width.get(k), instruction.get(k)) for k in width.keys() | instruction.keys()
+                     if width.get(k) != instruction.get(k)}
+        assert differing == {"eval.sampling": (False, True)}, strategy
+
 def test_each_arm_passes_full_validation_on_the_real_assets(cache_dir):
     """Model configs, the pruned shapes and tokenizers of the shipped assets (resolving an
     `asset:` source builds it into the session's cache, as a run would)."""
