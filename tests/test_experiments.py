@@ -10,6 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import flexkd.cli  # noqa: F401  (the config's resolvers, for resolve=True)
+from benchmarks.tables import flatten
 from flexkd.importance import SCORES
 from flexkd.sources import resolve_source
 from flexkd.strategies import build_strategy, variant_of
@@ -25,6 +27,7 @@ WIDTH_ARMS = {"mpnet_r2": ("mpnet_w384", "rt_polarity", 768 / 384),
               "smollm2_r2": ("smollm2_w288", "bbc_headline", 576 / 288),
               "smollm2_r3": ("smollm2_w192", "bbc_headline", 576 / 192)}
 TEACHER_WIDTH = {"mpnet": 768, "smollm2": 576}  # all-mpnet-base-v2, SmolLM2-135M-Instruct
+STRATEGIES = {"flexkd", "projection", "cka", "logit_kd", "sft"}
 
 
 def compose_job(*overrides, hydra=False):
@@ -51,7 +54,7 @@ def test_width_ratio_sweep_covers_each_ratio_with_its_task_and_every_job_validat
         family = pair.split("_")[0]
         assert TEACHER_WIDTH[family] / cfg.pair.student.prune.hidden_size == ratio
         seen.add((arm, cfg.strategy.name, cfg.seed))
-    assert {s for _, s, _ in seen} == {"flexkd", "projection", "cka", "logit_kd", "sft"}
+    assert {s for _, s, _ in seen} == STRATEGIES
     assert len(seen) == len(all_jobs)  # no two jobs alike
 
 
@@ -69,15 +72,11 @@ def test_instruction_sweep_has_both_kl_directions_and_seqkd():
     assert len(variants) == len(all_jobs) == 7 * 3
 
 
-
 def test_smollm2_ratio_2_arm_trains_exactly_the_instruction_sweeps_students():
     """paper_width_ratio's smollm2_r2 jobs are paper_instruction's jobs of the same strategy
     and seed scored greedy: no training setting differs, so the instruction sweep's students,
     re-scored with `stage=eval eval=default`, are that arm's results (README "Pruned students")."""
-    import flexkd.cli  # noqa: F401  (the config's resolvers)
-    from benchmarks.tables import flatten
-
-    for strategy in ("flexkd", "projection", "cka", "logit_kd", "sft"):
+    for strategy in sorted(STRATEGIES):
         width = flatten(OmegaConf.to_container(compose_job(
             "experiment=paper_width_ratio", "+width_arm=smollm2_r2", f"strategy={strategy}",
             "seed=2"), resolve=True))
@@ -87,6 +86,7 @@ def test_smollm2_ratio_2_arm_trains_exactly_the_instruction_sweeps_students():
         differing = {k: (width.get(k), instruction.get(k)) for k in width.keys() | instruction.keys()
                      if width.get(k) != instruction.get(k)}
         assert differing == {"eval.sampling": (False, True)}, strategy
+
 
 def test_each_arm_passes_full_validation_on_the_real_assets(cache_dir):
     """Model configs, the pruned shapes and tokenizers of the shipped assets (resolving an
@@ -106,7 +106,6 @@ CLASS_ARMS = {  # arm: (task, max_steps, batch, max_length, max_test_examples)
     "imdb": ("imdb", 100, 16, 128, 1000),
     "bbc_topic": ("bbc_topic", 100, 16, 128, None),
 }
-STRATEGIES = {"flexkd", "projection", "cka", "logit_kd", "sft"}
 
 
 def test_classification_sweep_pairs_each_task_with_its_budget_and_every_job_validates():
