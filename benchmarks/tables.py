@@ -71,12 +71,18 @@ def load_runs(dirs: list[Path]) -> list[dict]:
     return runs
 
 
+# What a scoring reads: a re-scoring's values of these replace its training job's, so that a
+# different protocol, test set, prompt template or precision keeps a row of its own.
+SCORING_SETTINGS = ("eval", "task", "data.eval_batch_size", "trainer.precision")
+
+
 def as_trained_job(run: dict) -> dict:
     """A `stage=eval` run of a student that a training job saved (`eval_model=<job>/student`,
     same task) is that job re-scored: it takes the job's identity (pair, strategy, seed and
     config: the re-scoring's own seed is 0 whichever seed trained the student) with the
-    re-scoring's `eval` settings and metrics. It lands in the job's variant row, and apart from
-    the job's own scores wherever the two `eval` sections differ (greedy vs sampled)."""
+    re-scoring's scoring settings (`SCORING_SETTINGS`) and metrics. It lands in the job's
+    variant row, and apart from the job's own scores wherever those settings differ (greedy vs
+    sampled; another test subset or template)."""
     if run.get("stage") != "eval" or not run.get("model"):
         return run
     job = Path(run["model"]).parent / "results.json"
@@ -85,7 +91,16 @@ def as_trained_job(run: dict) -> dict:
     trained = json.loads(job.read_text())
     if trained.get("stage") == "eval" or trained.get("task") != run.get("task"):
         return run
-    config = {**trained.get("config", {}), "eval": run.get("config", {}).get("eval")}
+    config = json.loads(json.dumps(trained.get("config", {})))  # a deep copy
+    for dotted in SCORING_SETTINGS:
+        *parents, leaf = dotted.split(".")
+        source, target = run.get("config", {}), config
+        for key in parents:
+            source, target = (source or {}).get(key) or {}, target.setdefault(key, {})
+        if leaf in source:
+            target[leaf] = source[leaf]
+        else:
+            target.pop(leaf, None)
     return {**trained, "config": config, "rescored_from": str(job.parent),
             **{key: run[key] for key in ("metrics", "main_metric", "eval_settings", "samples",
                                          "_dir") if key in run}}

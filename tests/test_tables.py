@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -269,7 +270,7 @@ def test_differing_budget_makes_separate_rows(tmp_path):
 def test_rescored_students_join_their_training_jobs_rows(tmp_path):
     """`stage=eval eval_model=<job>/student` results take the job's strategy and seed (the
     re-scoring's own seed is 0), and a differing eval section keeps them apart from the job's
-    own scores."""
+    own scores, and so does a differing test subset."""
     sampled, greedy = {}, {}
     for strategy, scores in (("flexkd", {1: (0.30, 0.60), 2: (0.32, 0.66)}),
                              ("sft", {1: (0.28, 0.50), 2: (0.30, 0.58)})):
@@ -277,16 +278,12 @@ def test_rescored_students_join_their_training_jobs_rows(tmp_path):
             job = write_run(tmp_path / "sweep", f"{strategy}{seed}", strategy, seed, on_train,
                             settings={})
             results = json.loads((job / "results.json").read_text())
-            results["config"]["eval"] = {"sampling": True}
+            results["config"].update(eval={"sampling": True}, task={"max_test_examples": 64})
             (job / "results.json").write_text(json.dumps(results))
-            config = {**copy.deepcopy(BASE_CONFIG), "seed": 0, "stage": "eval",
-                      "eval_model": str(job / "student"), "eval": {"sampling": False}}
-            eval_dir = tmp_path / "greedy" / f"{strategy}{seed}"
-            eval_dir.mkdir(parents=True)
-            (eval_dir / "results.json").write_text(json.dumps({
-                "stage": "eval", "model": str(job / "student"), "pair": "p", "task": "t",
-                "strategy": "eval", "seed": 0, "main_metric": "accuracy",
-                "metrics": {"student": {"accuracy": rescored}}, "config": config}))
+            rescore(job, tmp_path / "greedy" / f"{strategy}{seed}", rescored, sampling=False)
+            if strategy == "sft":  # greedy again, on the first 32 test examples only
+                rescore(job, tmp_path / "subset" / f"{seed}", rescored - 0.1, sampling=False,
+                        max_test_examples=32)
             sampled.setdefault(strategy, []).append(on_train)
             greedy.setdefault(strategy, []).append(rescored)
 
@@ -305,6 +302,26 @@ def test_rescored_students_join_their_training_jobs_rows(tmp_path):
     assert {label: row["mean"] for label, row in both.items()} == pytest.approx({
         "flexkd {eval.sampling=false}": 0.63, "flexkd {eval.sampling=true}": 0.31,
         "sft {eval.sampling=false}": 0.54, "sft {eval.sampling=true}": 0.29})
+
+    # Another test subset is another measurement: its own row, not merged into the job's.
+    subset = rows_by_variant(tables.main([str(tmp_path / "greedy"), str(tmp_path / "subset"),
+                                          "--no-plots"]))
+    assert {label: row["mean"] for label, row in subset.items()} == pytest.approx({
+        "flexkd {task.max_test_examples=64}": 0.63, "sft {task.max_test_examples=64}": 0.54,
+        "sft {task.max_test_examples=32}": 0.44})
+
+
+def rescore(job: Path, out: Path, score: float, sampling: bool, max_test_examples: int = 64):
+    """A `stage=eval eval_model=<job>/student` results.json in `out`."""
+    config = {**copy.deepcopy(BASE_CONFIG), "seed": 0, "stage": "eval",
+              "eval_model": str(job / "student"), "eval": {"sampling": sampling},
+              "task": {"max_test_examples": max_test_examples}}
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({
+        "stage": "eval", "model": str(job / "student"), "pair": "p", "task": "t",
+        "strategy": "eval", "seed": 0, "main_metric": "accuracy",
+        "metrics": {"student": {"accuracy": score}}, "config": config}))
+
 
 def test_plots_of_a_beta_sweep(tmp_path):
     spectrum = [4.0, 2.0, 1.0, 0.5, 0.0]
