@@ -75,8 +75,9 @@ EXTERNAL_RANKINGS = ("scores", "probe")  # residual dims ranked by scores passed
 SPEC_RANKING = "probe"  # a model spec's default: the Flex-KD probe of the (fine-tuned) teacher
 RECORD_FILE = "flexkd_pruning.json"
 CACHE_VERSION = 1
-FAMILIES = {"LlamaForCausalLM": "llama", "LlamaModel": "llama", "BertModel": "bert",
-            "MPNetModel": "mpnet"}
+# Mistral's decoder is Llama's (see `_saveable`), so a student written as Mistral prunes the same.
+FAMILIES = {"LlamaForCausalLM": "llama", "LlamaModel": "llama", "MistralForCausalLM": "llama",
+            "MistralModel": "llama", "BertModel": "bert", "MPNetModel": "mpnet"}
 
 
 @dataclass(frozen=True)
@@ -646,10 +647,42 @@ def build_pruned(source: str | Path | nn.Module, plan: PrunePlan,
     return model
 
 
+def _saveable(model: nn.Module) -> nn.Module:
+    """`model`, or the same decoder as a Mistral model where transformers cannot write it as
+    Llama: its LlamaConfig refuses a hidden size that is not a multiple of the head count even
+    when head_dim is given (SmolLM2's 9 heads at d 384 or 192). Mistral's decoder is Llama's
+    (RMSNorm, SwiGLU, RoPE, grouped KV, no biases) with head_dim free, so the weights carry over
+    by name and the outputs are the same (tests/test_pruning.py); sliding_window=None keeps
+    attention full."""
+    c = model.config
+    if getattr(c, "model_type", None) != "llama" or c.hidden_size % c.num_attention_heads == 0:
+        return model
+    from transformers import MistralConfig, MistralForCausalLM, MistralModel
+
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        raise ConfigError(f"prune.hidden_size={c.hidden_size} is not a multiple of the "
+                          f"{c.num_attention_heads} kept heads, which transformers' Llama config "
+                          "refuses, and this Llama has biases that Mistral (the fallback) lacks; "
+                          "choose a hidden_size that the head count divides")
+    settings = {k: v for k, v in c.to_dict().items()
+                if k not in ("model_type", "architectures", "attention_bias", "mlp_bias",
+                             "pretraining_tp", "transformers_version")}
+    causal = hasattr(model, "lm_head")
+    mistral_config = MistralConfig(**{**settings, "sliding_window": None},
+                                   architectures=["MistralForCausalLM" if causal else "MistralModel"])
+    mistral = (MistralForCausalLM if causal else MistralModel)(mistral_config)
+    mistral.load_state_dict(model.state_dict())
+    log.info("d %d is not a multiple of %d heads, which transformers' LlamaConfig refuses: "
+             "writing the pruned decoder as the equivalent %s", c.hidden_size,
+             c.num_attention_heads, type(mistral).__name__)
+    return mistral.to(next(model.parameters()).dtype).eval()
+
+
 def _write_pruned(model: nn.Module, tokenizer, out: Path, record: dict) -> None:
     if isinstance(model, TaskModel):
         raise ConfigError("save_pruned writes HF models; save a pruned TaskModel with "
                           "flexkd.models.save_model")
+    model = _saveable(model)
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

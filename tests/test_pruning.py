@@ -119,6 +119,33 @@ def test_pruned_llama_reloads_from_its_directory_with_identical_outputs(tmp_path
     assert record["parameters"]["before"] == sum(p.numel() for p in llama(tied=tied).parameters())
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_width_the_heads_do_not_divide_reloads_as_mistral_with_identical_outputs(tmp_path, tied):
+    """d 42 with 4 heads (SmolLM2's case: d 384 with 9 heads), which transformers' LlamaConfig
+    refuses to write or load even with head_dim given: the directory holds the same decoder as
+    MistralForCausalLM, and it prunes again as a Llama-family model."""
+    pruned = build_pruned(llama(tied=tied), PrunePlan(hidden_size=42, keep_layers=[0, 2]), batches())
+    assert (pruned.config.hidden_size, pruned.config.num_attention_heads) == (42, 4)
+    out = save_pruned(pruned, None, tmp_path / "student", pruned.flexkd_pruning)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded).__name__ == "MistralForCausalLM"
+    assert (reloaded.config.head_dim, reloaded.config.sliding_window) == (16, None)
+    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied
+    for batch in batches(2, seed=7):  # the second row is padded
+        assert torch.equal(outputs(reloaded, batch), outputs(pruned, batch))
+    again = build_pruned(reloaded, PrunePlan(hidden_size=30, num_heads=2), batches())
+    assert (again.config.hidden_size, again.config.num_attention_heads) == (30, 2)
+
+
+def test_a_biased_llama_at_a_width_its_heads_do_not_divide_is_refused(tmp_path):
+    model = llama()
+    model.config.attention_bias = True  # Mistral has no attention biases to carry them
+    pruned = build_pruned(model, PrunePlan(hidden_size=42, rank_by="random"))
+    with pytest.raises(ConfigError, match="hidden_size that the head count divides"):
+        save_pruned(pruned, None, tmp_path / "student", pruned.flexkd_pruning)
+    assert not (tmp_path / "student").exists()
+
+
 @pytest.mark.parametrize("family,plan", [
     ("bert", PrunePlan(hidden_size=16, intermediate_size=20)),               # 4 heads of size 4
     ("mpnet", PrunePlan(hidden_size=16, num_heads=2, keep_layers=[1])),      # 2 heads of size 8
