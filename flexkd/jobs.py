@@ -1,8 +1,9 @@
 """One job of a run or sweep: status on disk, skip-if-finished, fault isolation, sweep summary.
 
 Every job directory holds `status.json` (running / success / failed, with the reason). In a
-multirun a failing job (a bad combination, an OOM, a NaN) is recorded and the sweep goes on;
-rerunning the same sweep command skips finished jobs and retries failed or unfinished ones.
+multirun a failing job (a bad combination, an OOM, a NaN) is recorded and the sweep goes on,
+then exits with status 1; rerunning the same sweep command skips finished jobs and retries
+failed or unfinished ones.
 """
 
 from __future__ import annotations
@@ -165,6 +166,9 @@ class SweepSummary(Callback):
                       f"{job['error']}", flush=True)
         if counts["failed"] or counts["running"]:
             print("  rerun the same command to retry them (finished jobs are skipped)", flush=True)
+            # Every job ran, but the sweep did not succeed: a script or scheduler chaining on
+            # this command must see it (SystemExit passes Hydra's callback guard).
+            raise SystemExit(1)
 
 
 def _job_overrides(job_dir: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """benchmarks.speed compares two sweeps' wall times only when every job of each succeeded: a
-failed job lets the sweep exit 0 with fewer jobs timed (a disk-full store arm once printed
-2.34x from 6 of its 15 jobs)."""
+sweep with a failed job has fewer jobs timed (a disk-full store arm once printed 2.34x from 6
+of its 15 jobs), and the check names them."""
 
 import json
 
