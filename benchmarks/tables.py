@@ -21,6 +21,7 @@ metric per m with the top-m, bottom-m and random-m probe-ranked dims removed.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import json
@@ -91,7 +92,7 @@ def as_trained_job(run: dict) -> dict:
     trained = json.loads(job.read_text())
     if trained.get("stage") == "eval" or trained.get("task") != run.get("task"):
         return run
-    config = json.loads(json.dumps(trained.get("config", {})))  # a deep copy
+    config = copy.deepcopy(trained.get("config", {}))
     for dotted in SCORING_SETTINGS:
         *parents, leaf = dotted.split(".")
         source, target = run.get("config", {}), config
