@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from benchmarks.tables import mean_curve, width_ratio_series
 from flexkd.storage import atomic_write_bytes
@@ -198,6 +199,11 @@ def ratio_lines(task: str, metric: str, series: list[dict]) -> Figure:
                             [vs["ci95"][1] for _, vs in s["points"]], color=color, alpha=0.2,
                             linewidth=0)
     ax.set_xscale("log", base=2)
+    # Tick every measured ratio by its value: a log axis alone labels powers of 2 only, which
+    # leaves ratios such as 1.5 and 3 unnamed.
+    ratios = sorted({x for s in series for x, _ in s["points"]})
+    ax.set_xticks(ratios, [f"{x:g}" for x in ratios])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("width ratio d_T / d_S")
     ax.set_ylabel(f"Δ {metric} vs {series[0]['reference']} (paired)")
     ax.set_title(f"{task}: paired difference to {series[0]['reference']} vs width ratio", fontsize=9)

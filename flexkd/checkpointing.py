@@ -10,14 +10,17 @@ fast-forwarded to the batch the interrupted run would have drawn next.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import warnings
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from flexkd.storage import atomic_write_json
 
@@ -58,6 +61,18 @@ def drop_resume_checkpoint(checkpoint_dir: Path) -> None:
     the 15 kept by a finished sweep once filled the disk)."""
     for name in (LAST, LAST_INFO):
         (Path(checkpoint_dir) / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exact_mid_epoch_resume():
+    """Silence Lightning's warning that a mid-epoch resume "can cause unreliable results" because
+    the dataloader has no state_dict: ResumeCheckpoint fast-forwards the batch sampler to the
+    batch the interrupted run would have drawn next, and a resumed run ends with the
+    uninterrupted one's metrics (tests/test_resume.py), so that warning would only mislead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=PossibleUserWarning,
+                                message="You're resuming from a checkpoint that ended before")
+        yield
 
 
 class ResumeCheckpoint(L.Callback):

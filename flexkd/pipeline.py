@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from flexkd.checkpointing import ResumeCheckpoint, resume_path
+from flexkd.checkpointing import ResumeCheckpoint, exact_mid_epoch_resume, resume_path
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.errors import ConfigError
@@ -327,7 +327,8 @@ def distill(ctx: RunContext, strategy, teacher, student, data, name: str, teache
         ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps),
         *([selection] if selection else [])])
     student.train()  # from_pretrained returns eval mode; dropout belongs to training
-    trainer.fit(module, datamodule=data, ckpt_path=resumed_from)
+    with exact_mid_epoch_resume():
+        trainer.fit(module, datamodule=data, ckpt_path=resumed_from)
     return trainer, loggers, resumed_from
 
 

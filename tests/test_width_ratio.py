@@ -44,6 +44,21 @@ def test_paired_differences_to_sft_line_up_by_width_ratio(tmp_path):
     assert (tmp_path / "rt_accuracy.width-ratio.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ratio_plot_names_every_measured_ratio_on_its_axis(tmp_path):
+    """Ratios that are not powers of 2 (SmolLM2's 1.5 and 3) get a labelled tick each."""
+    from benchmarks import plots
+
+    for pair, ratio in {"w384": 1.5, "w288": 2.0, "w192": 3.0}.items():
+        for seed, base in SFT.items():
+            write(tmp_path, pair, ratio, "sft", seed, base)
+            write(tmp_path, pair, ratio, "flexkd", seed, base + 0.01 + 0.002 * seed)
+    series = tables.width_ratio_series(tables.main([str(tmp_path), "--no-plots"]))
+    ax = plots.ratio_lines("rt", "accuracy", series[("rt", "accuracy")]).axes[0]
+    assert list(ax.get_xticks()) == [1.5, 2.0, 3.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1.5", "2", "3"]
+    assert list(ax.xaxis.get_minorticklocs()) == []
+
+
 def test_one_ratio_or_no_ratio_draws_no_ratio_plot(tmp_path):
     for seed, base in SFT.items():
         write(tmp_path, "w384", 2.0, "sft", seed, base)
