@@ -204,7 +204,8 @@ def test_readme_knob_table_is_the_generated_one():
     table = knob_table()
     assert readme_section(README.read_text()) == table, (
         "README.md's knob table is stale; regenerate: python -m flexkd.strategies.knob_table --write")
-    assert "| `beta` | 0.5 (cka, flexkd); 0.0 (logit_kd, seqkd, sft); 0.25 (projection); 1.0 (raw) | >= 0 |" in table
+    assert ("| `beta` | 0.5 (cka, flexkd); 0.0 (logit_kd, seqkd, sft); 0.25 (projection); "
+            "1.0 (raw) | >= 0 |") in table
     assert "| `score` | grad (flexkd) | grad \\| grad_x_act \\| fisher \\| activation \\| random |" in table
 
 

@@ -93,7 +93,8 @@ def test_lower_is_better_metric_takes_the_smallest_mean(tmp_path):
     summary = tables.main([str(tmp_path), "--split", "validation", "--no-plots"])
     best = summary["best_on_validation"]["projection"]
     assert (best["value"], best["mean"], best["higher_is_better"]) == (1.0, 20.5, False)
-    assert "lowest mean among 0.1: 30.5000, 1.0: 20.5000, 2.0: 25.5000" in (tmp_path / "table.validation.md").read_text()
+    assert ("lowest mean among 0.1: 30.5000, 1.0: 20.5000, 2.0: 25.5000"
+            in (tmp_path / "table.validation.md").read_text())
 
 
 def test_no_choice_unless_one_numeric_knob_varies(tmp_path):
