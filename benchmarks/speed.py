@@ -10,7 +10,9 @@ Three measurements, in one run:
 1. Every strategy's step, with the live teacher and with the teacher-output store
    (flexkd.teacher_store), timed on the same batches round-robin (A B C A B C ...) so that
    machine noise hits all of them alike, each as a ratio to plain fine-tuning (`sft`), after
-   one untimed step of each at every batch shape.
+   one untimed step of each at every batch shape. Causal pairs also time every strategy with
+   the live teacher and both models' LM heads on every position (`all pos s`), as before
+   `CausalLM` ran them on the response rows only: `rows/all` is the saving.
    The store covers the benchmark's own training examples (`task.max_train_examples` is set
    to steps x batch unless given); reading it does not depend on its size (memory-mapped).
 2. The harness's Lightning step (DistillationModule + Trainer, as run.py trains) against a
@@ -37,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -47,7 +49,7 @@ import flexkd.cli  # noqa: F401  (offline defaults, resolvers)
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.errors import ConfigError
-from flexkd.models import build_model, trainable_parameters, uses_label_words
+from flexkd.models import CausalLM, build_model, trainable_parameters, uses_label_words
 from flexkd.module import adamw
 from flexkd.pipeline import cache_dir_of, load_tokenizers
 from flexkd.sources import resolve_source
@@ -61,6 +63,7 @@ CONF = ROOT / "conf"
 # Every strategy config, sft first (the reference); strategies that need d_S == d_T (raw) fail
 # on a mismatched pair and are reported as skipped.
 STRATEGIES = sorted(available_strategies(), key=lambda name: name != "sft")
+ALL_POSITIONS = "live, every position's logits"  # the mode that times the old LM-head cost
 
 
 def compose(overrides: list[str]):
@@ -92,6 +95,18 @@ def padded_length(batch: dict) -> int:
 
 def batch_shape(batch: dict) -> tuple:
     return tuple(batch[side]["input_ids"].shape for side in ("student", "teacher"))
+
+
+@contextmanager
+def every_position_logits(enabled: bool):
+    """While enabled, causal LMs compute the logits of every position (the cost before
+    `CausalLM` learned to keep only the response rows)."""
+    before = CausalLM.logits_on_response_rows
+    CausalLM.logits_on_response_rows = not enabled
+    try:
+        yield
+    finally:
+        CausalLM.logits_on_response_rows = before
 
 
 def trainer_precision(precision: str) -> str:
@@ -182,18 +197,20 @@ def main(argv=None) -> dict:
         modes = {"live": LiveTeacher(teacher, strategy)}
         if store.outputs is not None:
             modes["store"] = store.outputs
+        if isinstance(student, CausalLM):
+            modes[ALL_POSITIONS] = modes["live"]
         runs[name] = {"student": student, "strategy": strategy, "setup_s": setup_s,
                       "store_s": store_s, "store": store, "modes": modes,
                       "times": {mode: [] for mode in modes},
                       "optimizer": adamw(params, lr=1e-5, weight_decay=0.01),
                       "extra_params": trainable_parameters(strategy)}
 
-    def step(run, batch, teacher_outputs) -> float:
+    def step(run, batch, teacher_outputs, mode) -> float:
         strategy, student = run["strategy"], run["student"]
         sync(args.device)
         start = time.perf_counter()
         batch = to_device(batch, args.device)
-        with autocast(args.device, args.precision):
+        with autocast(args.device, args.precision), every_position_logits(mode == ALL_POSITIONS):
             loss = sum(distill_terms(strategy, student, batch, teacher_outputs).values())
         loss.backward()
         run["optimizer"].step()
@@ -206,19 +223,20 @@ def main(argv=None) -> dict:
     # measured 6-12x flexkd's on an H200). Each run and mode first takes one untimed step per shape.
     for batch in {batch_shape(b): b for b in batches[args.warmup:]}.values():
         for run in runs.values():
-            for teacher_outputs in run["modes"].values():
-                step(run, batch, teacher_outputs)
+            for mode, teacher_outputs in run["modes"].items():
+                step(run, batch, teacher_outputs, mode)
 
     for i, batch in enumerate(batches):
         for run in runs.values():
             for mode, teacher_outputs in run["modes"].items():
-                if args.device == "cuda" and i == args.warmup:
+                if args.device == "cuda":  # each step's own peak (all runs' models resident)
                     torch.cuda.reset_peak_memory_stats()
-                elapsed = step(run, batch, teacher_outputs)
+                elapsed = step(run, batch, teacher_outputs, mode)
                 if i >= args.warmup:
                     run["times"][mode].append(elapsed)
-                if args.device == "cuda":
-                    run["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    if args.device == "cuda" and mode != ALL_POSITIONS:
+                        peak = torch.cuda.max_memory_allocated() / 2**30
+                        run["peak_gib"] = max(run.get("peak_gib", 0.0), peak)
 
     med = {name: {mode: statistics.median(t) for mode, t in run["times"].items()}
            for name, run in runs.items()}
@@ -249,6 +267,15 @@ def main(argv=None) -> dict:
                                  "store_ratio_to_sft": ratio(stored) if stored else None,
                                  "setup_seconds": run["setup_s"], "store": info,
                                  "peak_gib": peak}
+
+    if any(ALL_POSITIONS in m for m in med.values()):
+        print(f"\nLM heads on the response rows vs on every position (live teacher):\n"
+              f"{'strategy':<12}{'rows s':>9}{'all pos s':>11}{'rows/all':>10}")
+        for name, m in med.items():
+            rows, every = m["live"], m[ALL_POSITIONS]
+            print(f"{name:<12}{rows:>9.3f}{every:>11.3f}{rows / every:>10.3f}")
+            report["steps"][name].update(all_positions_seconds_per_step=every,
+                                         rows_over_all_positions=rows / every)
 
     name = args.harness_strategy
     if name and name in runs:

@@ -99,10 +99,9 @@ def target_log_prob(model: TaskModel, out, inputs: dict, target: str) -> torch.T
     """Sum over the batch of F(x): the log-probability of the gold (or predicted) target."""
     if model.kind == "causal_lm":
         labels = inputs["labels"][:, 1:]
-        valid = labels != IGNORE_INDEX
-        # Only target positions: a full-vocabulary softmax over the prompt would be wasted.
-        logp = F.log_softmax(out.logits[:, :-1][valid].float(), dim=-1)
-        chosen = logp.argmax(-1) if target == "predicted" else labels[valid]
+        # kd_logits: the rows that predict a response token, in the order of labels[valid].
+        logp = F.log_softmax(out.kd_logits.float(), dim=-1)
+        chosen = logp.argmax(-1) if target == "predicted" else labels[labels != IGNORE_INDEX]
         return logp.gather(-1, chosen.unsqueeze(-1)).sum()
     logp = F.log_softmax(out.logits.float(), dim=-1)
     chosen = logp.argmax(-1) if target == "predicted" else inputs["labels"]

@@ -14,6 +14,7 @@ that norm (where the massive-activation dims live), read by a forward pre-hook o
 from __future__ import annotations
 
 import abc
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ class ModelOutputs:
 
     `hidden` maps a normalised layer index to (B, L, d); `kd_logits` holds the rows that logit
     KD compares: (B, C) class logits, or (N, V) logits at the positions that predict response
-    tokens. `loss` is the task cross-entropy (None when no labels were given).
+    tokens. `logits` is (B, C) for a classifier; a causal LM's (B, L, V) logits are there only
+    when asked for (`CausalLM.forward`). `loss` is the task cross-entropy (None when no labels
+    were given).
 
     Causal LMs also give `kd_hidden`, the (N, d) last hidden state at those positions, and
     `kd_head`, the (V, d) LM-head weight: chunked logit KD recomputes logits from them, which
@@ -133,8 +136,9 @@ class TaskModel(nn.Module, abc.ABC):
                              output_hidden_states=True, **kw)
 
     @abc.abstractmethod
-    def forward(self, inputs: dict[str, torch.Tensor], layers=()) -> ModelOutputs:
-        """inputs: input_ids, attention_mask, optional labels; layers: normalised indices."""
+    def forward(self, inputs: dict[str, torch.Tensor], layers=(), all_logits: bool = False) -> ModelOutputs:
+        """inputs: input_ids, attention_mask, optional labels; layers: normalised indices;
+        all_logits: a causal LM also gives every position's logits (a classifier always does)."""
 
     def _pick(self, hidden_states, layers) -> dict[int, torch.Tensor]:
         picked = {i: hidden_states[i] for i in layers}
@@ -162,7 +166,7 @@ class SequenceClassifier(TaskModel):
     def num_outputs(self) -> int:
         return self.head.out_features
 
-    def forward(self, inputs, layers=()) -> ModelOutputs:
+    def forward(self, inputs, layers=(), all_logits: bool = False) -> ModelOutputs:
         mask = inputs["attention_mask"]
         out = self._backbone_states(inputs["input_ids"], mask)
         last = out.hidden_states[-1]
@@ -176,28 +180,51 @@ class SequenceClassifier(TaskModel):
 
 
 class CausalLM(TaskModel):
-    """A causal LM; the task loss is cross-entropy on response tokens only."""
+    """A causal LM; the task loss is cross-entropy on response tokens only.
+
+    Given labels, the LM head runs only on the rows that predict a response token (the
+    backbone's own `logits_to_keep` with a boolean mask, so its logit transforms still apply):
+    a headline is about 15 of 192 tokens, and a full-vocabulary head on every position was a
+    quarter of a training step (benchmarks/speed.py measures it). `all_logits=True` (or
+    `logits_on_response_rows = False`) also gives the (B, L, V) logits, for readers of every
+    position (cross-tokenizer ULD)."""
 
     kind = "causal_lm"
+    logits_on_response_rows = True
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        # A forward without a boolean `logits_to_keep` (older or custom models) logs once and
+        # then computes every position's logits.
+        self._keeps_rows = "logits_to_keep" in inspect.signature(backbone.forward).parameters
 
     @property
     def num_outputs(self) -> int:
         return int(self.backbone.get_output_embeddings().weight.shape[0])
 
-    def forward(self, inputs, layers=()) -> ModelOutputs:
-        out = self._backbone_states(inputs["input_ids"], inputs["attention_mask"])
-        logits = out.logits
+    def forward(self, inputs, layers=(), all_logits: bool = False) -> ModelOutputs:
         labels = inputs.get("labels")
+        positions = None if labels is None else response_positions(labels)
+        rows_only = (positions is not None and not all_logits and self.logits_on_response_rows
+                     and self._keeps_rows)
+        kw = {"logits_to_keep": positions} if rows_only else {}
+        out = self._backbone_states(inputs["input_ids"], inputs["attention_mask"], **kw)
+        if rows_only and out.logits.dim() != 2:
+            log.warning("%s ignores a boolean logits_to_keep; computing the logits of every "
+                        "position", type(self.backbone).__name__)
+            self._keeps_rows = False
+            return self.forward(inputs, layers, all_logits)
         loss = kd_logits = kd_hidden = None
-        if labels is not None:
-            positions = response_positions(labels)
-            kd_logits = logits[positions]
+        if positions is not None:
+            kd_logits = out.logits if rows_only else out.logits[positions]
             kd_hidden = out.hidden_states[-1][positions]
             targets = labels[:, 1:][positions[:, :-1]]
-            loss = F.cross_entropy(kd_logits.float(), targets) if targets.numel() else logits.sum() * 0
+            # No response token in the batch: a zero that keeps every parameter in the graph.
+            loss = (F.cross_entropy(kd_logits.float(), targets) if targets.numel()
+                    else out.logits.sum() * 0)
         return ModelOutputs(kd_logits=kd_logits, hidden=self._pick(out.hidden_states, layers),
-                            loss=loss, logits=logits, kd_hidden=kd_hidden,
-                            kd_head=self.backbone.get_output_embeddings().weight)
+                            loss=loss, logits=None if rows_only else out.logits,
+                            kd_hidden=kd_hidden, kd_head=self.backbone.get_output_embeddings().weight)
 
     def linear_head_problem(self) -> str | None:
         """Why the logits are not `last hidden state @ head weight.T` (None when they are).

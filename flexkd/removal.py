@@ -220,7 +220,7 @@ def predictions(model: TaskModel, out, inputs: dict, label_ids: list[int] | None
 
     if model.kind == "classifier":
         return out.logits.argmax(-1), inputs["labels"]
-    return label_word_predictions(out.logits, inputs["labels"], label_ids)
+    return label_word_predictions(out.kd_logits, inputs["labels"], label_ids)
 
 
 @torch.no_grad()

@@ -41,7 +41,8 @@ class LiveTeacher:
         # eval every call: a trainer's .train() on its module must never turn dropout on here.
         self.teacher.eval()
         with torch.no_grad():
-            return self.teacher(inputs, layers=self.strategy.teacher_request().layers)
+            return self.teacher(inputs, layers=self.strategy.teacher_request().layers,
+                                all_logits=needs_all_logits(batch))
 
 
 def distill_terms(strategy: Strategy, student: TaskModel, batch: dict,
@@ -55,8 +56,15 @@ def distill_terms(strategy: Strategy, student: TaskModel, batch: dict,
         if teacher_outputs is None:
             raise ValueError(f"strategy {strategy.name!r} needs teacher outputs, but none were given")
         teacher = teacher_outputs(batch)
-    student_out = student(batch["student"], layers=strategy.student_layers())
+    student_out = student(batch["student"], layers=strategy.student_layers(),
+                          all_logits=needs_all_logits(batch))
     return strategy.losses(batch, teacher, student_out)
+
+
+def needs_all_logits(batch: dict) -> bool:
+    """Two tokenizers: logit rows are paired by the character alignment, not by response
+    position (strategies.base.logit_rows), so causal LMs give the logits of every position."""
+    return "alignment" in batch
 
 
 def normalise_to_step(terms: dict[str, torch.Tensor], batch: dict,

@@ -4,7 +4,8 @@ Every distillation step used to rerun the teacher, and every job of a sweep did 
 same sentences. The store runs the teacher once per (teacher fingerprint, task data, layers,
 logit top-k, precision) over the whole train split and keeps its FULL hidden states at those
 layers, a classifier teacher's class logits and, for a causal-LM teacher whose strategy asks for
-top-k logit KD (`strategy.logit_topk`), its top-k per KD row (`stored_request`). Whatever a
+logit KD, its log-probabilities per KD row: the whole vocabulary row, or the top-k when the
+strategy asks for top-k logit KD (`strategy.logit_topk`; `stored_request`). Whatever a
 strategy makes of them (flexkd's k selected dims or directions, whichever score chose them; a
 projector; CKA; logit KD) is applied at read time by the same code that reads the live teacher,
 so one entry serves every strategy at those layers. It is a `flexkd.cache` entry (content key,
@@ -20,9 +21,14 @@ verified, rebuilt when damaged, built once under a file lock when sweep jobs sta
                         strategy's temperature (`losses.teacher_topk`), descending
     topk_ids.bin        int32 (n_kd_rows, k): their vocabulary ids
     topk_rest.bin       fp32 (n_kd_rows,): the log of the mass outside the top k
+    kd_logprobs.bin     bf16 (n_kd_rows, V): without top-k, the teacher's log-softmax over the
+                        whole vocabulary (log-probs, not logits: bf16 keeps the likely tokens'
+                        values to 3 digits, where raw logits of 20-30 would lose them; every
+                        divergence reads them as logits, softmax being shift-invariant)
 
-A causal LM's full vocabulary row per response token is too big to keep, so dense logit KD on
-one reads the live teacher (`store_decision`). The files are memory-mapped, so a job reads only
+Whole vocabulary rows are only for response tokens (a headline: ~15 rows of 49,152 per
+article), and only up to DENSE_MAX_GIB; past it dense logit KD reads the live teacher. The files
+are memory-mapped, so a job reads only
 the rows of its batches. `StoredTeacher` is a `flexkd.step.TeacherOutputs` like `LiveTeacher`:
 it rebuilds each batch's padded shape from batch["index"] and the teacher attention mask, and its
 KD rows in the live teacher's order, so the step cannot tell it from the live teacher (up to
@@ -39,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from flexkd import losses
 from flexkd.cache import EntryInfo, get_or_build, read_manifest
@@ -59,11 +66,11 @@ META_FILE = "store.json"
 OFFSETS_FILE = "offsets.bin"
 KD_OFFSETS_FILE = "kd_offsets.bin"
 TOPK_FILES = {"logprobs": "topk_logprobs.bin", "ids": "topk_ids.bin", "rest": "topk_rest.bin"}
-# Rows per teacher_topk call while building: bounds its fp32 (rows, V) temporaries.
+DENSE_FILE = "kd_logprobs.bin"
+# Rows per teacher_topk / log_softmax call while building: bounds the fp32 (rows, V) temporaries.
 TOPK_CHUNK_ROWS = 1024
-DENSE_CAUSAL_REASON = ("logit KD on a causal LM reads the live teacher: a full vocabulary row per "
-                       "response token is too big to store; set strategy.logit_topk=K (e.g. 128) "
-                       "to read the teacher's top-k from the store")
+# Whole-vocabulary rows past this size read the live teacher instead.
+DENSE_MAX_GIB = 4.0
 
 
 class StoreMismatchError(RuntimeError):
@@ -79,10 +86,11 @@ def store_decision(setting: str, strategy, teacher: TaskModel | None) -> tuple[b
     the teacher is frozen (DistillationModule never trains it) and runs in eval mode (dropout
     off: LiveTeacher forces it), its inputs are the example's token ids, fixed at encoding (no
     augmentation), padding cannot reach valid tokens (attention masks), and the answer is one
-    the store can hold: hidden states, class logits, or a causal LM's top-k per KD row (a
-    strategy with `logit_topk`; `check_logit_knobs` already limits those to one-vocabulary
-    divergences, not chunked, so no term needs the full logits). Precision is part of the
-    store's key."""
+    the store can hold: hidden states, class logits, or a causal LM's log-probs per KD row
+    (top-k or whole rows). Chunked logit KD (`logit_chunk_rows`, which may recompute the
+    teacher's logits from its LM head) and ULD (which may pair rows across two tokenizers)
+    read the live teacher; so does a whole-vocabulary store over DENSE_MAX_GIB
+    (`teacher_store` checks, once the data is known). Precision is part of the store's key."""
     if setting not in SETTINGS:
         raise ConfigError(f"teacher_store={setting!r}; choose one of {SETTINGS}")
     if setting == "off":
@@ -91,7 +99,11 @@ def store_decision(setting: str, strategy, teacher: TaskModel | None) -> tuple[b
         return False, f"strategy {strategy.name!r} needs no teacher outputs"
     request = strategy.teacher_request()
     if request.logits and teacher.kind == "causal_lm" and request.topk is None:
-        return False, DENSE_CAUSAL_REASON
+        if getattr(strategy, "logit_chunk_rows", None) is not None:
+            return False, ("chunked logit KD (strategy.logit_chunk_rows) reads the live teacher; "
+                           "set it to null to read the teacher's log-probs from the store")
+        if getattr(strategy, "divergence", None) == "uld":
+            return False, "ULD logit KD reads the live teacher (its rows may pair two tokenizers)"
     return True, "the teacher is frozen and deterministic (eval mode, fixed inputs)"
 
 
@@ -104,10 +116,10 @@ def stored_request(strategy, teacher: TaskModel) -> OutputRequest:
     - Class logits always for a classifier (n_classes per example: tiny).
     - A classifier strategy that asks for no layers (logit_kd: beta = 0) stores the teacher
       layers of its layer_pairs anyway, so it shares the feature strategies' entry at that layer.
-    - A causal LM's logits only as the strategy's top-k at its temperature (k and T are part of
-      the key); a classifier's class logits serve any k at read time, so there they are not.
-    Layers are sorted and deduplicated: the entry depends on the set, not on the pair order.
-    Dense causal logits are never stored (`store_decision` keeps such runs live)."""
+    - A causal LM's logits as the strategy's top-k at its temperature (k and T are part of the
+      key), or as whole log-softmax rows (any temperature at read time); a classifier's class
+      logits serve any k at read time, so there they are not.
+    Layers are sorted and deduplicated: the entry depends on the set, not on the pair order."""
     request = strategy.teacher_request()
     classifier = teacher.kind == "classifier"
     layers = request.layers
@@ -162,8 +174,9 @@ def _spans(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 class StoredTeacher:
     """Answers batches from a store entry, in the live teacher's shapes and dtypes: full hidden
     states (`reduced=False`, so a strategy reduces them exactly as it reduces the live
-    teacher's), the class logits, or a causal LM's top-k per KD row as `kd_topk` (with
-    `kd_logits=None`: the strategy's logit term then reads the top-k, `teacher_topk_of`).
+    teacher's), the class logits, a causal LM's whole log-prob rows as its `kd_logits`, or its
+    top-k per KD row as `kd_topk` (with `kd_logits=None`: the strategy's logit term then reads
+    the top-k, `teacher_topk_of`).
 
     `layers`: the layers to answer with (the strategy's request: a logit-only strategy reads
     none), all stored ones when None."""
@@ -190,14 +203,20 @@ class StoredTeacher:
         spec = meta.get("logits")
         self.logits = None if spec is None else (
             _open(self.path / spec["file"], STORE_DTYPE, (n, spec["width"])), _dtype(spec["dtype"]))
-        self.topk = None
+        self.topk = self.dense = None
+        for spec in (meta.get("topk"), meta.get("dense")):
+            if spec is not None:
+                self.kd_offsets = _open(self.path / spec["offsets"], torch.int64, (n + 1,))
+                if int(self.kd_offsets[-1]) != spec["rows"]:
+                    raise StoreMismatchError(f"{spec['offsets']} ends at {int(self.kd_offsets[-1])}, "
+                                             f"not at {spec['rows']} KD rows")
+        spec = meta.get("dense")
+        if spec is not None:
+            self.dense = (_open(self.path / spec["file"], STORE_DTYPE, (spec["rows"], spec["vocab"])),
+                          _dtype(spec["dtype"]))
         spec = meta.get("topk")
         if spec is not None:
             rows, k = spec["rows"], spec["k"]
-            self.kd_offsets = _open(self.path / spec["offsets"], torch.int64, (n + 1,))
-            if int(self.kd_offsets[-1]) != rows:
-                raise StoreMismatchError(f"{spec['offsets']} ends at {int(self.kd_offsets[-1])}, not "
-                                         f"at {rows} KD rows")
             files = spec["files"]
             self.topk = losses.TeacherTopK(
                 logprobs=_open(self.path / files["logprobs"], STORE_DTYPE, (rows, k)),
@@ -236,10 +255,14 @@ class StoredTeacher:
         if self.logits is not None:
             flat, dtype = self.logits
             kd_logits = flat[index].to(device=device, dtype=dtype)
-        if self.topk is not None:
+        if self.topk is not None or self.dense is not None:
             # The live teacher's KD rows: `response_positions` of the teacher labels, mask order.
             counts = response_positions(batch["teacher"]["labels"]).sum(1).cpu()
             rows = self._rows(self.kd_offsets, index, counts, "KD-row (response-token)")
+        if self.dense is not None:
+            flat, dtype = self.dense
+            kd_logits = flat[rows].to(device=device, dtype=dtype)
+        if self.topk is not None:
             logprobs, ids, rest = self.topk
             # fp32 log-probs (the loss computes in fp32) and int64 ids, as `losses.teacher_topk`.
             kd_topk = losses.TeacherTopK(logprobs[rows].to(device=device, dtype=torch.float32),
@@ -295,14 +318,14 @@ def write_store(out: Path, teacher: TaskModel, request: OutputRequest, data, *, 
 
     Examples go longest first in batches of similar length (little padding, and the largest
     batch fails first if memory is short); rows land at their example's offsets. A causal LM's
-    logits are reduced to `losses.teacher_topk` at the request's k and temperature right after
-    the forward, a chunk of rows at a time, so no (rows, V) array outlives its batch."""
+    logits are reduced to `losses.teacher_topk` at the request's k and temperature (or, without
+    a k, to log-softmax rows) right after the forward, a chunk of rows at a time, so no fp32
+    (rows, V) array outlives its batch."""
     if any(v is not None for v in request.views):
         raise ValueError("the store keeps full states; widen the request with stored_request")
-    causal_topk = request.logits and teacher.kind == "causal_lm"
-    if causal_topk and request.topk is None:
-        raise ValueError("the store keeps a causal LM's logits only as a top-k per KD row; "
-                         "give the request a topk (stored_request takes strategy.logit_topk)")
+    causal_rows = request.logits and teacher.kind == "causal_lm"
+    causal_topk = causal_rows and request.topk is not None
+    causal_dense = causal_rows and request.topk is None
     data.setup()
     examples = data.splits["train"]
     if [e["index"] for e in examples] != list(range(len(examples))):
@@ -314,7 +337,8 @@ def write_store(out: Path, teacher: TaskModel, request: OutputRequest, data, *, 
 
     files: dict[str, np.memmap] = {}
     meta = {"examples": len(examples), "tokens": n_tokens, "hidden": {}, "logits": None,
-            "topk": None, "request": request_key(request), "store_dtype": str(STORE_DTYPE)}
+            "topk": None, "dense": None, "request": request_key(request),
+            "store_dtype": str(STORE_DTYPE)}
 
     def sink(name: str, shape: tuple[int, ...], dtype=np.int16) -> np.memmap:
         if name not in files:  # bf16 as its bits in int16: numpy has no bfloat16
@@ -322,13 +346,23 @@ def write_store(out: Path, teacher: TaskModel, request: OutputRequest, data, *, 
         return files[name]
 
     def bits(t: torch.Tensor) -> np.ndarray:
-        return t.detach().to(STORE_DTYPE).cpu().view(torch.int16).numpy()
+        return bits_of(t).numpy()
 
-    if causal_topk:
+    if causal_rows:
         kd_counts = kd_row_counts(examples)
         kd_offsets = _offsets(kd_counts)
-        n_kd, k = int(kd_offsets[-1]), int(request.topk)
+        n_kd = int(kd_offsets[-1])
         np.asarray(kd_offsets.numpy()).tofile(out / KD_OFFSETS_FILE)
+    if causal_dense:
+        vocab = teacher.num_outputs
+        meta["dense"] = {"rows": n_kd, "vocab": vocab, "offsets": KD_OFFSETS_FILE,
+                         "file": DENSE_FILE, "dtype": "torch.float32"}
+        if n_kd == 0:
+            (out / DENSE_FILE).write_bytes(b"")
+        else:
+            sink(DENSE_FILE, (n_kd, vocab))
+    if causal_topk:
+        k = int(request.topk)
         meta["topk"] = {"k": k, "temperature": float(request.topk_temperature), "rows": n_kd,
                         "offsets": KD_OFFSETS_FILE, "files": dict(TOPK_FILES),
                         "dtypes": {"logprobs": "bfloat16", "ids": "int32", "rest": "float32"}}
@@ -349,9 +383,14 @@ def write_store(out: Path, teacher: TaskModel, request: OutputRequest, data, *, 
     teacher.to(device).eval()
     for chunk in order.split(batch_size):
         batch = _to(data.collate([examples[int(i)] for i in chunk]), device)
-        top = None
+        top = dense = None
         with precision, torch.no_grad():
             answer = teacher(batch["teacher"], layers=request.layers)
+            if causal_dense and answer.kd_logits.shape[0]:
+                # Read back in the dtype the live teacher's logits have (bf16 under autocast).
+                meta["dense"]["dtype"] = str(answer.kd_logits.dtype)
+                dense = torch.cat([bits_of(F.log_softmax(rows.float(), dim=-1))
+                                   for rows in answer.kd_logits.split(TOPK_CHUNK_ROWS)])
             if causal_topk and answer.kd_logits.shape[0]:
                 # Row-wise, so computing it a chunk of rows at a time changes nothing.
                 parts = [losses.teacher_topk(rows, k, request.topk_temperature)
@@ -365,14 +404,16 @@ def write_store(out: Path, teacher: TaskModel, request: OutputRequest, data, *, 
                 meta["hidden"][str(layer)] = {"file": name, "width": h.shape[-1],
                                               "dtype": str(h.dtype)}
                 sink(name, (n_tokens, h.shape[-1]))[dest] = bits(h[mask])
-        if causal_topk:
+        if causal_rows:
             counts = response_positions(batch["teacher"]["labels"]).sum(1).cpu()
             if (not torch.equal(counts, kd_counts[chunk])
                     or int(counts.sum()) != answer.kd_logits.shape[0]):
                 raise StoreMismatchError("the teacher's KD rows of a batch differ from its examples' "
                                          "response tokens (the collated labels changed them)")
+            dest = _spans(kd_offsets[chunk], counts).numpy()
+            if dense is not None:
+                files[DENSE_FILE][dest] = dense.numpy()
             if top is not None:
-                dest = _spans(kd_offsets[chunk], counts).numpy()
                 files[TOPK_FILES["logprobs"]][dest] = bits(top.logprobs)
                 files[TOPK_FILES["ids"]][dest] = top.ids.to(torch.int32).cpu().numpy()
                 files[TOPK_FILES["rest"]][dest] = top.rest_logprob.float().cpu().numpy()
@@ -390,9 +431,14 @@ def write_store(out: Path, teacher: TaskModel, request: OutputRequest, data, *, 
     atomic_write_json(out / META_FILE, meta)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     summary = {"examples": len(examples), "tokens": n_tokens, "size_mb": round(size / 2**20, 2)}
-    if causal_topk:
-        summary |= {"kd_rows": n_kd, "topk": k}
+    if causal_rows:
+        summary |= {"kd_rows": n_kd, "topk": k if causal_topk else None}
     return summary
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """A CPU int16 view of `t` in the store dtype (bf16 bits: numpy has no bfloat16)."""
+    return t.detach().to(STORE_DTYPE).cpu().view(torch.int16)
 
 
 @dataclass
@@ -413,6 +459,10 @@ def teacher_store(setting: str, strategy, teacher: TaskModel | None, data, *, ca
         log.info("teacher store: off (%s)", reason)
         return StoreHandle(None, {"enabled": False, "reason": reason})
     request = stored_request(strategy, teacher)
+    too_big = dense_size_problem(request, teacher, data)
+    if too_big:
+        log.info("teacher store: off (%s)", too_big)
+        return StoreHandle(None, {"enabled": False, "reason": too_big})
     key_obj = {"teacher": teacher_fingerprint, "task": data.task.fingerprint(),
                "request": request_key(request), "precision": precision_key(trainer_cfg)}
     # Responses swapped in at setup (seqkd: the teacher's own answers) are other training data.
@@ -433,6 +483,20 @@ def teacher_store(setting: str, strategy, teacher: TaskModel | None, data, *, ca
     log.info("teacher store: %s %s (%.1f MB)", "cache hit" if entry.cache_hit else "built",
              entry.path, info["size_mb"])
     return StoreHandle(stored, info)
+
+
+def dense_size_problem(request: OutputRequest, teacher: TaskModel, data) -> str | None:
+    """Why a causal LM's whole-vocabulary rows would not be stored (over DENSE_MAX_GIB), or None."""
+    if not (request.logits and teacher.kind == "causal_lm" and request.topk is None):
+        return None
+    data.setup()
+    rows = int(kd_row_counts(data.splits["train"]).sum())
+    gib = rows * teacher.num_outputs * STORE_DTYPE.itemsize / 2**30
+    if gib <= DENSE_MAX_GIB:
+        return None
+    return (f"the teacher's whole-vocabulary rows for {rows} response tokens would take {gib:.1f} "
+            f"GiB, over the store's {DENSE_MAX_GIB:g} GiB for them, so logit KD reads the live "
+            "teacher; set strategy.logit_topk=K (e.g. 128) to store its top-k instead")
 
 
 def describe(entry: EntryInfo) -> dict:

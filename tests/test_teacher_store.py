@@ -14,6 +14,8 @@ A causal LM's top-k store keeps log-probabilities, whose bf16 error is 2^-8 |log
 i.e. that relative error in each probability (~2% for the tiny near-uniform teacher, log p ~
 -4.9). Check (1) is the same; for (2) the KD-logit gradient is held to an exact elementwise
 bound derived from that error (`topk_rounding_bound`), see `assert_topk_store_matches_live`.
+A whole-vocabulary store keeps log-softmax rows in bf16: checks (1) and (2) as for hidden
+states, (1) against the live log-probs rounded to bf16 (`rounded_log_probs`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from flexkd import losses
+from flexkd import teacher_store as teacher_store_module
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.models import IGNORE_INDEX, build_model, uses_label_words
@@ -37,7 +40,6 @@ from flexkd.sources import resolve_source
 from flexkd.step import LiveTeacher, distill_terms
 from flexkd.strategies import SetupContext, build_strategy
 from flexkd.teacher_store import (
-    DENSE_CAUSAL_REASON,
     STORE_KIND,
     StoredTeacher,
     StoreMismatchError,
@@ -120,12 +122,24 @@ def terms_and_grads(strategy, student, batch, teacher_outputs):
     return {k: v.detach() for k, v in terms.items()}, grads
 
 
-def assert_losses_match_live(strategy, student, teacher, batch, stored):
-    """Terms and student gradients from the store equal those from the live teacher rounded to
-    bf16 (rtol 1e-4), and those from the unrounded live teacher within rtol 2e-2."""
+def rounded_log_probs(live):
+    """The live causal teacher with its KD logits turned into log-probs rounded to bf16, as a
+    whole-vocabulary store keeps them."""
+    def answer(batch):
+        out = live(batch)
+        z = out.kd_logits
+        return dataclasses.replace(out, kd_logits=torch.log_softmax(z.float(), -1).to(
+            torch.bfloat16).to(z.dtype))
+    return answer
+
+
+def assert_losses_match_live(strategy, student, teacher, batch, stored, rounding=RoundedLive):
+    """Terms and student gradients from the store equal those from the live teacher rounded as
+    the store rounds it (`rounding`; rtol 1e-4), and those from the unrounded live teacher within
+    rtol 2e-2."""
     live = LiveTeacher(teacher, strategy)
     s_terms, s_grads = terms_and_grads(strategy, student, batch, stored)
-    r_terms, r_grads = terms_and_grads(strategy, student, batch, RoundedLive(live))
+    r_terms, r_grads = terms_and_grads(strategy, student, batch, rounding(live))
     l_terms, l_grads = terms_and_grads(strategy, student, batch, live)
     assert s_terms.keys() == l_terms.keys() and len(s_terms) >= 2  # task + a teacher term
     for k in l_terms:
@@ -320,17 +334,51 @@ def response_tokens(data) -> int:
                for e in data.splits["train"])
 
 
-def test_causal_logit_kd_is_stored_only_with_a_topk(tmp_path):
+def test_causal_logit_kd_is_stored_unless_chunked_or_too_big(tmp_path, monkeypatch):
     cfg, teacher, _, dense, data = causal_kd(tmp_path)
     assert dense.teacher_request().logits and dense.logit_topk is None
     handle = build(cfg, teacher, dense, data, tmp_path)
-    assert handle.outputs is None
-    assert handle.info == {"enabled": False, "reason": DENSE_CAUSAL_REASON}
-    assert "set strategy.logit_topk=K" in DENSE_CAUSAL_REASON
-    cfg, teacher, _, topk, data = causal_kd(tmp_path, logit_topk=TOPK)
-    handle = build(cfg, teacher, topk, data, tmp_path)
     assert handle.info["enabled"] and isinstance(handle.outputs, StoredTeacher), handle.info
     assert handle.info["reason"] == "the teacher is frozen and deterministic (eval mode, fixed inputs)"
+    cfg, teacher, _, chunked, data = causal_kd(tmp_path, logit_chunk_rows=4)
+    handle = build(cfg, teacher, chunked, data, tmp_path)
+    assert handle.outputs is None and handle.info["reason"].startswith(
+        "chunked logit KD (strategy.logit_chunk_rows) reads the live teacher")
+    # Whole-vocabulary rows over the size limit read the live teacher; a top-k is still stored.
+    monkeypatch.setattr(teacher_store_module, "DENSE_MAX_GIB", 1e-6)
+    handle = build(cfg, teacher, dense, data, tmp_path)
+    gib = response_tokens(data) * teacher.num_outputs * 2 / 2**30
+    assert handle.outputs is None and handle.info == {"enabled": False, "reason": (
+        f"the teacher's whole-vocabulary rows for {response_tokens(data)} response tokens would "
+        f"take {gib:.1f} GiB, over the store's 1e-06 GiB for them, so logit KD reads the live "
+        "teacher; set strategy.logit_topk=K (e.g. 128) to store its top-k instead")}
+    cfg, teacher, _, topk, data = causal_kd(tmp_path, logit_topk=TOPK)
+    assert build(cfg, teacher, topk, data, tmp_path).info["enabled"]
+
+
+def test_causal_dense_store_answers_with_the_live_log_probs(tmp_path):
+    cfg, teacher, student, strategy, data = causal_kd(tmp_path)
+    handle = build(cfg, teacher, strategy, data, tmp_path)
+    assert handle.info["enabled"] and not handle.info["cache_hit"], handle.info
+    stored, live = handle.outputs, LiveTeacher(teacher, strategy)
+    rows, n, vocab = response_tokens(data), len(data.splits["train"]), teacher.num_outputs
+    assert stored.meta["dense"]["rows"] == rows and stored.meta["dense"]["vocab"] == vocab
+    assert stored.meta["request"] == {"layers": [], "logits": True, "views": []}
+    sizes = {p.name: p.stat().st_size for p in Path(handle.info["path"]).iterdir()}
+    assert sizes["kd_logprobs.bin"] == rows * vocab * 2 and sizes["kd_offsets.bin"] == (n + 1) * 8
+    assert not any(name.startswith(("hidden_", "logits", "topk_")) for name in sizes)
+
+    for i, batch in enumerate(data.train_dataloader()):  # shuffled: index -> rows mapping
+        if i == 2:
+            break
+        assert not batch["teacher"]["attention_mask"].bool().all(), "the batch should have padding"
+        s_out, l_out = stored(batch), live(batch)
+        assert s_out.kd_topk is None and s_out.hidden == {}
+        got = s_out.kd_logits
+        assert got.shape == l_out.kd_logits.shape and got.dtype == l_out.kd_logits.dtype
+        want = torch.log_softmax(l_out.kd_logits.float(), -1)
+        torch.testing.assert_close(s_out.kd_logits, want, rtol=BF16_ULP, atol=0)
+        assert_losses_match_live(strategy, student, teacher, batch, stored, rounding=rounded_log_probs)
 
 
 def test_causal_topk_store_answers_like_the_live_topk(tmp_path):

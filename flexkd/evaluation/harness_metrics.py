@@ -15,16 +15,22 @@ from flexkd.models import IGNORE_INDEX, TaskModel, response_positions
 from flexkd.progress import progress
 
 
-def label_word_predictions(logits: torch.Tensor, labels: torch.Tensor,
+def label_word_predictions(kd_logits: torch.Tensor, labels: torch.Tensor,
                            label_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(pred, gold) class indices of causal-LM classification with one-token label words:
-    the argmax over the label tokens at the position that predicts the label."""
+    the argmax over the label tokens at the position that predicts the label.
+
+    `kd_logits` are the model's (N, V) response rows (`ModelOutputs.kd_logits`), row-major over
+    (example, position): an example's first row is the position that predicts its label."""
     positions = response_positions(labels)
+    per_example = positions.sum(1)
+    if not bool((per_example > 0).all()):
+        raise ValueError("label-word scoring: an example has no label token (truncated away?)")
+    first_row = torch.cumsum(per_example, 0) - per_example
     rows = torch.arange(labels.shape[0], device=labels.device)
-    first = positions.int().argmax(1)
-    candidates = torch.tensor(label_ids, device=logits.device)
-    pred = logits[rows, first][:, candidates].argmax(-1)
-    gold_token = labels[rows, first + 1]
+    candidates = torch.tensor(label_ids, device=kd_logits.device)
+    pred = kd_logits[first_row][:, candidates].argmax(-1)
+    gold_token = labels[rows, positions.int().argmax(1) + 1]
     gold = (gold_token.unsqueeze(-1) == candidates).int().argmax(-1)
     return pred, gold
 
@@ -63,7 +69,7 @@ def evaluate_model(model: TaskModel, loader, side: str = "student", desc: str = 
             nll += float(out.loss) * n
             tokens += n
             if label_ids:
-                pred, gold = label_word_predictions(out.logits, inputs["labels"], label_ids)
+                pred, gold = label_word_predictions(out.kd_logits, inputs["labels"], label_ids)
                 preds.append(pred.cpu())
                 golds.append(gold.cpu())
     finally:
