@@ -4,8 +4,9 @@
 saving to a temporary file and renaming it into place, so a run killed at any instant leaves
 either the previous or the new checkpoint, never a torn one. The checkpoint holds what
 Lightning saves (student, strategy state such as a projector or the Flex-KD selection,
-optimizer, LR scheduler, loop progress) plus the RNG states; on resume the batch sampler is
-fast-forwarded to the batch the interrupted run would have drawn next.
+optimizer, LR scheduler, loop progress) plus the RNG states and the seconds trained so far;
+on resume the batch sampler is fast-forwarded to the batch the interrupted run would have
+drawn next, and a resumed job's reported training time adds the earlier attempts' seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import os
 import random
+import time
 import warnings
 from pathlib import Path
 
@@ -79,16 +81,25 @@ class ResumeCheckpoint(L.Callback):
     def __init__(self, checkpoint_dir: str | Path, every_n_steps: int):
         self.dir = Path(checkpoint_dir)
         self.every = max(int(every_n_steps), 1)
+        self.resumed_from = resume_path(self.dir)  # None: this run starts afresh
         self._restored_rng: dict | None = None
+        # Training seconds of the attempts before this one, up to the checkpoint resumed from
+        # (the steps they ran past it are run again, and counted again, here).
+        self.seconds_before_resume = 0.0
+        self._started: float | None = None
 
     # Lightning stores this dict in the checkpoint under the callback's state key.
     def state_dict(self) -> dict:
-        return {"rng": rng_state()}
+        now = time.perf_counter()
+        trained = now - self._started if self._started is not None else 0.0
+        return {"rng": rng_state(), "train_seconds": self.seconds_before_resume + trained}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored_rng = state_dict.get("rng")
+        self.seconds_before_resume = float(state_dict.get("train_seconds", 0.0))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
         if trainer.global_step == 0:
             return
         loader = trainer.train_dataloader

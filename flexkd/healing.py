@@ -38,9 +38,9 @@ class WholeTextLM(CausalLM):
     """A causal LM whose loss is next-token cross-entropy on every non-padding token, prompt
     included (CausalLM's own loss reads the response only). Shares the given backbone."""
 
-    def forward(self, inputs, layers=()):
+    def forward(self, inputs, layers=(), all_logits: bool = False):
         labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
-        return super().forward({**inputs, "labels": labels}, layers)
+        return super().forward({**inputs, "labels": labels}, layers, all_logits)
 
 
 def heal_settings(student_spec: dict) -> dict | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from flexkd.checkpointing import ResumeCheckpoint, exact_mid_epoch_resume, resume_path
+from flexkd.checkpointing import ResumeCheckpoint, exact_mid_epoch_resume
 from flexkd.data.datamodule import DistillDataModule
 from flexkd.data.tasks import TaskSpec
 from flexkd.errors import ConfigError
@@ -142,8 +142,11 @@ def run(cfg: DictConfig) -> dict | None:
     with ctx.timings.stage("teacher_store"):
         store = prepare_store(ctx, strategy, teacher, data)
     with ctx.timings.stage("distill"):
-        trainer, loggers, resumed_from = distill(ctx, strategy, teacher, student, data, name,
-                                                 teacher_outputs=store.outputs)
+        trainer, loggers, resume = distill(ctx, strategy, teacher, student, data, name,
+                                           teacher_outputs=store.outputs)
+    # A resumed job's training time includes its earlier attempts' (this one's alone misleads).
+    ctx.timings.seconds["distill"] = round(ctx.timings.seconds["distill"]
+                                           + resume.seconds_before_resume, 3)
     if not trainer.is_global_zero:
         return None  # DDP: rank 0 evaluates and reports
     with ctx.timings.stage("evaluate"):
@@ -177,7 +180,8 @@ def run(cfg: DictConfig) -> dict | None:
         "student_init": student_init,
         "width_ratio": width_ratio(teacher.model, student),
         "train": {"steps": int(trainer.global_step),
-                  "resumed_from": str(resumed_from) if resumed_from else None},
+                  "resumed_from": str(resume.resumed_from) if resume.resumed_from else None,
+                  "seconds_before_resume": round(resume.seconds_before_resume, 3)},
         "alignment": alignment_report(data),
         "data": data_report(data),
     }
@@ -321,15 +325,14 @@ def distill(ctx: RunContext, strategy, teacher, student, data, name: str, teache
     checkpoints = ctx.out / "checkpoints"
     if cfg.resume == "never":
         shutil.rmtree(checkpoints, ignore_errors=True)
-    resumed_from = resume_path(checkpoints)
+    resume = ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps)
     selection = checkpoint_selection(cfg.eval, student, data.tokenizers["student"], data.task)
-    trainer = make_trainer(cfg.trainer, ctx.out, logger=loggers, progress="distill", callbacks=[
-        ResumeCheckpoint(checkpoints, cfg.checkpoint.every_n_steps),
-        *([selection] if selection else [])])
+    trainer = make_trainer(cfg.trainer, ctx.out, logger=loggers, progress="distill",
+                           callbacks=[resume, *([selection] if selection else [])])
     student.train()  # from_pretrained returns eval mode; dropout belongs to training
     with exact_mid_epoch_resume():
-        trainer.fit(module, datamodule=data, ckpt_path=resumed_from)
-    return trainer, loggers, resumed_from
+        trainer.fit(module, datamodule=data, ckpt_path=resume.resumed_from)
+    return trainer, loggers, resume
 
 
 def evaluate(ctx: RunContext, task, teacher, student, student_tok, teacher_tok, data) -> dict:

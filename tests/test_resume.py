@@ -60,6 +60,10 @@ def test_sigkill_mid_training_then_rerun_gives_identical_final_metrics(tmp_path,
 
     resumed = run_to_end(out, cache_dir)
     assert resumed["train"]["resumed_from"].endswith("last.ckpt")
+    # The reported training time includes the killed attempt's seconds up to its checkpoint.
+    before = resumed["train"]["seconds_before_resume"]
+    assert before > 0 and resumed["timings"]["distill"] > before
+    assert reference["train"]["seconds_before_resume"] == 0
     assert resumed["train"]["steps"] == reference["train"]["steps"] == 60
     assert resumed["metrics"]["student"] == reference["metrics"]["student"]
     assert json.loads((out / "status.json").read_text())["attempts"] == 2
