@@ -26,13 +26,12 @@ verified, rebuilt when damaged, built once under a file lock when sweep jobs sta
                         values to 3 digits, where raw logits of 20-30 would lose them; every
                         divergence reads them as logits, softmax being shift-invariant)
 
-Whole vocabulary rows are only for response tokens (a headline: ~15 rows of 49,152 per
-article), and only up to DENSE_MAX_GIB; past it dense logit KD reads the live teacher. The files
-are memory-mapped, so a job reads only
-the rows of its batches. `StoredTeacher` is a `flexkd.step.TeacherOutputs` like `LiveTeacher`:
-it rebuilds each batch's padded shape from batch["index"] and the teacher attention mask, and its
-KD rows in the live teacher's order, so the step cannot tell it from the live teacher (up to
-bf16 rounding of the stored values).
+Whole vocabulary rows are only for response tokens (a headline: about 8 rows of 49,152 per
+article), and only up to DENSE_MAX_GIB; past it dense logit KD reads the live teacher. The
+files are memory-mapped, so a job reads only the rows of its batches. `StoredTeacher` is a
+`flexkd.step.TeacherOutputs` like `LiveTeacher`: it rebuilds each batch's padded shape from
+batch["index"] and the teacher attention mask, and its KD rows in the live teacher's order, so
+the step cannot tell it from the live teacher (up to bf16 rounding of the stored values).
 """
 
 from __future__ import annotations
