@@ -203,12 +203,12 @@ class StoredTeacher:
         self.logits = None if spec is None else (
             _open(self.path / spec["file"], STORE_DTYPE, (n, spec["width"])), _dtype(spec["dtype"]))
         self.topk = self.dense = None
-        for spec in (meta.get("topk"), meta.get("dense")):
-            if spec is not None:
-                self.kd_offsets = _open(self.path / spec["offsets"], torch.int64, (n + 1,))
-                if int(self.kd_offsets[-1]) != spec["rows"]:
-                    raise StoreMismatchError(f"{spec['offsets']} ends at {int(self.kd_offsets[-1])}, "
-                                             f"not at {spec['rows']} KD rows")
+        spec = meta.get("topk") or meta.get("dense")  # a causal LM's KD rows, either kind
+        if spec is not None:
+            self.kd_offsets = _open(self.path / spec["offsets"], torch.int64, (n + 1,))
+            if int(self.kd_offsets[-1]) != spec["rows"]:
+                raise StoreMismatchError(f"{spec['offsets']} ends at {int(self.kd_offsets[-1])}, "
+                                         f"not at {spec['rows']} KD rows")
         spec = meta.get("dense")
         if spec is not None:
             self.dense = (_open(self.path / spec["file"], STORE_DTYPE, (spec["rows"], spec["vocab"])),
