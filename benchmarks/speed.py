@@ -39,8 +39,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -113,6 +116,47 @@ def trainer_precision(precision: str) -> str:
     return "bf16-mixed" if precision == "bf16" else "32-true"
 
 
+def plain(node) -> dict:
+    return {k: v for k, v in node.items()}
+
+
+@dataclass
+class Setting:
+    """A benchmark's composed config, task, tokenizers and its first training batches."""
+    cfg: Any
+    cache_dir: Path
+    resolve: Callable[[str], str]
+    task: TaskSpec
+    student_tok: Any
+    teacher_tok: Any
+    label_words: bool
+    data: DistillDataModule
+    batches: list  # on the CPU, moved per step (as a DataLoader's batches are)
+
+    @classmethod
+    def load(cls, overrides: list[str], n_batches: int) -> Setting:
+        """Hydra `overrides` over the tiny encoder pair and task; the training split is cut to
+        the `n_batches` batches the benchmark reads unless `task.max_train_examples` is given."""
+        defaults = ["pair=tiny_encoder", "task=tiny_cls"]
+        keys = {o.split("=")[0] for o in overrides}
+        overrides = [o for o in defaults if o.split("=")[0] not in keys] + list(overrides)
+        cfg = compose(overrides)
+        if "task.max_train_examples" not in keys:
+            cfg = compose(overrides + [f"task.max_train_examples={n_batches * cfg.data.batch_size}"])
+        cache_dir = cache_dir_of(cfg)
+
+        def resolve(source: str) -> str:
+            return resolve_source(source, cache_dir)
+
+        task = TaskSpec.from_config(cfg.task, resolve)
+        student_tok, teacher_tok = load_tokenizers(cfg, resolve)
+        label_words = uses_label_words(cfg.pair)
+        data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
+                                 seed=0, label_words=label_words)
+        batches = [batch for _, batch in zip(range(n_batches), data.train_dataloader(), strict=False)]
+        return cls(cfg, cache_dir, resolve, task, student_tok, teacher_tok, label_words, data, batches)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (pair=..., task=...)")
@@ -139,33 +183,13 @@ def main(argv=None) -> dict:
     # The store builds' and probes' progress lines.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
 
-    defaults = ["pair=tiny_encoder", "task=tiny_cls"]
-    keys = {o.split("=")[0] for o in args.overrides}
-    overrides = [o for o in defaults if o.split("=")[0] not in keys] + args.overrides
-    cfg = compose(overrides)
-    if "task.max_train_examples" not in keys:  # just the examples the steps read
-        needed = (args.steps + args.warmup) * cfg.data.batch_size
-        cfg = compose(overrides + [f"task.max_train_examples={needed}"])
-    cache_dir = cache_dir_of(cfg)
-
-    def resolve(source: str) -> str:
-        return resolve_source(source, cache_dir)
-
-    task = TaskSpec.from_config(cfg.task, resolve)
-    student_tok, teacher_tok = load_tokenizers(cfg, resolve)
-    plain = lambda node: {k: v for k, v in node.items()}  # noqa: E731
-    label_words = uses_label_words(cfg.pair)
+    bench = Setting.load(args.overrides, args.steps + args.warmup)
+    cfg, task, resolve, data, batches = bench.cfg, bench.task, bench.resolve, bench.data, bench.batches
+    cache_dir, label_words, student_tok = bench.cache_dir, bench.label_words, bench.student_tok
     teacher_spec = plain(cfg.pair.teacher)
-    teacher = build_model(teacher_spec, task.format, teacher_tok, task.label_names,
+    teacher = build_model(teacher_spec, task.format, bench.teacher_tok, task.label_names,
                           resolve, label_words=label_words).to(args.device).eval().requires_grad_(False)
     fingerprint = "speed:" + content_hash({"spec": teacher_spec, "label_words": label_words})
-    data = DistillDataModule(task, student_tok, teacher_tok, batch_size=cfg.data.batch_size,
-                             seed=0, label_words=label_words)
-    batches = []  # on the CPU, moved per step (as a DataLoader's batches are)
-    for i, batch in enumerate(data.train_dataloader()):
-        if i >= args.steps + args.warmup:
-            break
-        batches.append(batch)
     precision = {"precision": trainer_precision(args.precision)}
 
     runs = {}

@@ -50,7 +50,7 @@ def heal_settings(student_spec: dict) -> dict | None:
 
 
 def healed_student(student: TaskModel, heal: dict, data, tokenizer, trainer_cfg,
-                   cache_dir: Path) -> tuple[TaskModel, dict]:
+                   cache_dir: Path, attention: str | None = None) -> tuple[TaskModel, dict]:
     """`student` after `heal["steps"]` steps of whole-text next-token training on `data`'s
     training split (from the cache when this student was healed so before), and the record
     for results.json (settings, validation metrics before and after, seconds, cache entry)."""
@@ -62,6 +62,8 @@ def healed_student(student: TaskModel, heal: dict, data, tokenizer, trainer_cfg,
     key_obj = {"weights": tensors_fingerprint(student.state_dict().values()), "heal": heal,
                "task": data.task.fingerprint(), "batch_size": data.batch_size,
                "precision": precision_key(trainer_cfg)}
+    if attention:  # a chosen kernel rounds differently; entries of the default stay valid
+        key_obj["attention"] = attention
     pruning = getattr(student.backbone, "flexkd_pruning", None)
 
     def validation(model: TaskModel) -> dict:
@@ -85,7 +87,7 @@ def healed_student(student: TaskModel, heal: dict, data, tokenizer, trainer_cfg,
         return record
 
     def load(path: Path) -> tuple[TaskModel, dict]:
-        model = load_saved_model(path / "model")[0].use_final_norm_state(student.final_norm_state)
+        model = load_saved_model(path / "model", attention)[0].use_final_norm_state(student.final_norm_state)
         return model, json.loads((path / "record.json").read_text())
 
     (model, record), entry = get_or_build(cache_dir, CACHE_KIND, key_obj, build, load,

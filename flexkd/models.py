@@ -17,6 +17,7 @@ import abc
 import inspect
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,11 @@ class TaskModel(nn.Module, abc.ABC):
     @property
     def config(self):
         return self.backbone.config
+
+    @property
+    def attention_kernel(self) -> str | None:
+        """The attention implementation transformers runs (eager, sdpa, ...)."""
+        return getattr(self.config, "_attn_implementation", None)
 
     @property
     def hidden_size(self) -> int:
@@ -322,16 +328,18 @@ def _backbone(spec: dict, head: str, tokenizer, resolve, seed: int, prune_inputs
 
     cls = AutoModelForCausalLM if head == "causal_lm" else AutoModel
     dtype = getattr(torch, spec.get("dtype") or "float32")
+    kernel = kernel_kwargs(spec.get("attn_implementation"))
     if spec.get("prune"):
         from flexkd.pruning import load_record, pruned_source
 
         folder, entry = pruned_source(spec["prune"], resolve, **prune_inputs)
-        model = cls.from_pretrained(folder, dtype=dtype)
+        model = _load_with_attention(spec, lambda: cls.from_pretrained(folder, dtype=dtype, **kernel))
         # for results.json: what was cut and how, where it is cached, whether it was reused
         model.flexkd_pruning = {**load_record(folder), "path": str(folder), "cache_hit": entry.cache_hit}
         return model
     if spec.get("path"):
-        model = cls.from_pretrained(resolve(str(spec["path"])), dtype=dtype)
+        source = resolve(str(spec["path"]))
+        model = _load_with_attention(spec, lambda: cls.from_pretrained(source, dtype=dtype, **kernel))
         return keep_layers(model, list(spec["keep_layers"])) if spec.get("keep_layers") else model
     init = dict(spec.get("init") or {})
     if not init.get("model_type"):
@@ -341,8 +349,28 @@ def _backbone(spec: dict, head: str, tokenizer, resolve, seed: int, prune_inputs
     config = AutoConfig.for_model(init.pop("model_type"), **init)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = cls.from_config(config)
+        model = _load_with_attention(spec, lambda: cls.from_config(config, **kernel))
     return model.to(dtype)
+
+
+def kernel_kwargs(attn_implementation: str | None) -> dict:
+    """from_pretrained's kwargs for an attention kernel; none (transformers' default, mostly
+    sdpa) when it is not set."""
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
+def _load_with_attention(spec: dict, load: Callable[[], nn.Module]) -> nn.Module:
+    """`load()`, with transformers' refusal of the spec's `attn_implementation` (a kernel this
+    architecture or machine lacks) turned into an error that names the key."""
+    try:
+        return load()
+    except (ValueError, ImportError) as e:
+        kernel = spec.get("attn_implementation")
+        if not kernel or "atten" not in str(e).lower():
+            raise
+        raise ConfigError(f"model {spec.get('name')!r}: attn_implementation={kernel!r} is not "
+                          f"available: {str(e).splitlines()[0]} Set it to eager or sdpa, or drop "
+                          "it (transformers' default).") from e
 
 
 def uses_label_words(pair) -> bool:
@@ -402,10 +430,12 @@ def save_model(model: TaskModel, tokenizer, directory: str | Path) -> Path:
     return atomic_directory(directory, fill)
 
 
-def load_saved_model(directory: str | Path) -> tuple[TaskModel, Any]:
-    """Inverse of save_model: (model, tokenizer)."""
+def load_saved_model(directory: str | Path, attn_implementation: str | None = None) -> tuple[TaskModel, Any]:
+    """Inverse of save_model: (model, tokenizer). `attn_implementation`: the attention kernel
+    (None: transformers' default; a saved config does not keep it)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    kernel = kernel_kwargs(attn_implementation)
     directory = Path(directory)
     meta_path = directory / CLASSIFIER_FILE
     if not meta_path.exists():
@@ -413,9 +443,9 @@ def load_saved_model(directory: str | Path) -> tuple[TaskModel, Any]:
     meta = json.loads(meta_path.read_text())
     tok = AutoTokenizer.from_pretrained(directory)
     if meta["kind"] == "classifier":
-        model = SequenceClassifier(AutoModel.from_pretrained(directory), meta["num_labels"],
+        model = SequenceClassifier(AutoModel.from_pretrained(directory, **kernel), meta["num_labels"],
                                    meta.get("label_names"))
         model.head.load_state_dict(torch.load(directory / HEAD_WEIGHTS, weights_only=True))
     else:
-        model = CausalLM(AutoModelForCausalLM.from_pretrained(directory))
+        model = CausalLM(AutoModelForCausalLM.from_pretrained(directory, **kernel))
     return model, tok

@@ -169,6 +169,7 @@ def run(cfg: DictConfig) -> dict | None:
         "checkpoint_selection": selection_summary(trainer),
         "layers": {"final_norm_state": {"teacher": teacher.model.final_norm_state,
                                         "student": student.final_norm_state}},
+        "attention": {"teacher": teacher.model.attention_kernel, "student": student.attention_kernel},
         "params": {
             "student": total_parameters(student),
             "student_trainable": trainable_parameters(student),
@@ -236,10 +237,12 @@ def heal_student(ctx: RunContext, student, data, tokenizer):
     as it was and None when the pair asks for none."""
     from flexkd.healing import heal_settings, healed_student
 
-    heal = heal_settings(OmegaConf.to_container(ctx.cfg.pair.student, resolve=True))
+    spec = OmegaConf.to_container(ctx.cfg.pair.student, resolve=True)
+    heal = heal_settings(spec)
     if heal is None:
         return student, None
-    student, record = healed_student(student, heal, data, tokenizer, ctx.cfg.trainer, ctx.cache_dir)
+    student, record = healed_student(student, heal, data, tokenizer, ctx.cfg.trainer, ctx.cache_dir,
+                                     attention=spec.get("attn_implementation"))
     # Healing draws random numbers only when it builds: reseed so that distillation's random
     # stream is the same whether the healed student came from the cache or not.
     L.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
@@ -381,7 +384,8 @@ def evaluate_only(cfg: DictConfig) -> dict:
         validate_config(cfg, ctx.resolve)
         # Absolute, so that benchmarks.tables finds the training job beside it from anywhere.
         model_dir = str(Path(ctx.resolve(str(cfg.eval_model))).resolve())
-        model, tokenizer = load_saved_model(model_dir)
+        # the kernel the pair's student trained and was scored with (a saved config drops it)
+        model, tokenizer = load_saved_model(model_dir, cfg.pair.student.get("attn_implementation"))
         task = TaskSpec.from_config(cfg.task, ctx.resolve)
         data = DistillDataModule(task, tokenizer, eval_batch_size=cfg.data.eval_batch_size,
                                  label_words=model.kind == "causal_lm")
@@ -394,6 +398,7 @@ def evaluate_only(cfg: DictConfig) -> dict:
         "metrics": {"student": scored["metrics"]},
         "eval_settings": scored["settings"] or {"batch_size": cfg.data.eval_batch_size},
         "samples": scored["samples"], "params": {"student": total_parameters(model)},
+        "attention": {"student": model.attention_kernel},
     })
 
 

@@ -120,6 +120,9 @@ class ModelSpec(Schema):
                               "(flexkd.healing; for pruned causal students)")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = Field(
         None, description="weights dtype; null: float32")
+    attn_implementation: str | None = Field(
+        None, description="transformers' attention kernel (eager, sdpa, flash_attention_2, ...); "
+        "null: transformers' default")
     final_norm_state: Literal["post", "pre"] = Field(
         "post", description="what layer -1 is for a decoder: after its final norm (HF "
         "hidden_states[-1]) or before it")

@@ -72,6 +72,22 @@ def test_healing_lowers_the_loss_and_is_built_once(setting, monkeypatch):
     assert not other["cache_hit"] and other["path"] != record["path"]
 
 
+def test_a_student_healed_with_a_chosen_kernel_keeps_it_in_its_own_entry(setting):
+    cache, spec, tok, data, resolve = setting
+    heal = {**HEAL, "steps": 3}
+
+    def heal_with(attention):
+        student = build_model({**spec, "attn_implementation": attention}, "instruction", tok,
+                              resolve=resolve, seed=0)
+        return healed_student(student, heal, data, tok, TRAINER, cache, attention=attention)
+
+    default, eager = heal_with(None), heal_with("eager")
+    assert (default[0].attention_kernel, eager[0].attention_kernel) == ("sdpa", "eager")
+    assert not eager[1]["cache_hit"] and eager[1]["path"] != default[1]["path"]
+    again = heal_with("eager")  # from the cache: loaded with the kernel it was healed with
+    assert again[1]["cache_hit"] and again[0].attention_kernel == "eager"
+
+
 def test_heal_settings_and_students_it_cannot_heal(setting):
     cache, spec, tok, data, resolve = setting
     assert heal_settings({"heal": {"steps": 0}}) is None and heal_settings({}) is None

@@ -102,13 +102,17 @@ def test_sweep_of_three_strategies_and_two_seeds(run_cli):
 
 
 def test_standalone_eval_reproduces_the_training_runs_scores(run_cli, tmp_path):
+    # with a chosen attention kernel, which the eval stage loads the saved student with again
+    kernel = "+pair.student.attn_implementation=eager"
     trained = run_cli("pair=tiny_causal", "task=tiny_instruct", "strategy=logit_kd", "seed=1",
-                      "eval.limit=16").results()
+                      "eval.limit=16", kernel).results()
+    assert trained["attention"] == {"teacher": "sdpa", "student": "eager"}
     assert "rougeL" in trained["metrics"]["student"] and "rougeL" in trained["metrics"]["teacher"]
     assert trained["samples"] and {"prompt", "reference", "student", "teacher"} <= set(trained["samples"][0])
     evaluated = run_cli("stage=eval", f"eval_model={trained['paths']['student']}",
-                        "pair=tiny_causal", "task=tiny_instruct", "eval.limit=16", name="eval")
+                        "pair=tiny_causal", "task=tiny_instruct", "eval.limit=16", kernel, name="eval")
     assert evaluated.results()["stage"] == "eval"
+    assert evaluated.results()["attention"] == {"student": "eager"}
     scores = evaluated.results()["metrics"]["student"]
     for key in ("perplexity", "rougeL", "rouge1", "perplexity_word"):
         assert scores[key] == pytest.approx(trained["metrics"]["student"][key], rel=1e-6), key
