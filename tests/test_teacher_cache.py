@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from flexkd.cache import MANIFEST_NAME
 from flexkd.data.tasks import TaskSpec
@@ -73,3 +74,13 @@ def test_the_fine_tune_precision_is_part_of_the_teachers_key(tmp_path):
     assert not bf16.info["cache_hit"] and bf16.fingerprint != fp32.fingerprint
     cfg.trainer.precision = "32"  # Lightning's other spelling of fp32: the same regime
     assert prepare(cfg, task, tok, tmp_path).fingerprint == fp32.fingerprint
+
+
+def test_a_teacher_with_a_chosen_kernel_is_its_own_entry_and_reloads_with_it(tmp_path):
+    cfg, task, tok = setup(tmp_path)
+    default = prepare(cfg, task, tok, tmp_path)
+    OmegaConf.set_struct(cfg, False)
+    cfg.pair.teacher.attn_implementation = "eager"
+    eager, again = (prepare(cfg, task, tok, tmp_path) for _ in range(2))
+    assert default.model.attention_kernel == "sdpa" and not eager.info["cache_hit"]
+    assert again.info["cache_hit"] and again.model.attention_kernel == "eager"
