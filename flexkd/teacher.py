@@ -110,8 +110,8 @@ def prepare_teacher(spec, finetune, trainer_cfg, task: TaskSpec, tokenizer, cach
         return {"finetune_seconds": finetune_seconds}
 
     def load(path: Path) -> tuple[TaskModel, dict]:
-        saved = load_saved_model(path / "model", spec.get("attn_implementation"))[0]
-        model = (apply_final_norm_state(saved, spec)
+        kernel = spec.get("attn_implementation")
+        model = (apply_final_norm_state(load_saved_model(path / "model", kernel)[0], spec)
                  if finetune is not None else fresh_model())
         return model, json.loads((path / "metrics.json").read_text())
 

@@ -3,6 +3,7 @@
 import logging
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -84,3 +85,14 @@ def test_a_teacher_with_a_chosen_kernel_is_its_own_entry_and_reloads_with_it(tmp
     eager, again = (prepare(cfg, task, tok, tmp_path) for _ in range(2))
     assert default.model.attention_kernel == "sdpa" and not eager.info["cache_hit"]
     assert again.info["cache_hit"] and again.model.attention_kernel == "eager"
+
+
+def test_a_teacher_without_a_fine_tune_is_rebuilt_from_its_spec_on_a_cache_hit(tmp_path):
+    # Only its scores are cached (no weights are saved): the hit builds the same model again.
+    cfg, task, tok = setup(tmp_path)
+    cfg.teacher_finetune.enabled = False
+    first, second = (prepare(cfg, task, tok, tmp_path) for _ in range(2))
+    assert not first.info["cache_hit"] and second.info["cache_hit"]
+    assert not list(Path(first.info["path"]).glob("model"))
+    w1, w2 = weights(first.model), weights(second.model)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and second.metrics == first.metrics
