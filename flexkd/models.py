@@ -442,10 +442,12 @@ def load_saved_model(directory: str | Path, attn_implementation: str | None = No
         raise FileNotFoundError(f"{directory} is not a flexkd model directory ({CLASSIFIER_FILE} missing)")
     meta = json.loads(meta_path.read_text())
     tok = AutoTokenizer.from_pretrained(directory)
+    spec = {"name": str(directory), "attn_implementation": attn_implementation}
     if meta["kind"] == "classifier":
-        model = SequenceClassifier(AutoModel.from_pretrained(directory, **kernel), meta["num_labels"],
-                                   meta.get("label_names"))
+        backbone = _load_with_attention(spec, lambda: AutoModel.from_pretrained(directory, **kernel))
+        model = SequenceClassifier(backbone, meta["num_labels"], meta.get("label_names"))
         model.head.load_state_dict(torch.load(directory / HEAD_WEIGHTS, weights_only=True))
     else:
-        model = CausalLM(AutoModelForCausalLM.from_pretrained(directory, **kernel))
+        model = CausalLM(_load_with_attention(
+            spec, lambda: AutoModelForCausalLM.from_pretrained(directory, **kernel)))
     return model, tok

@@ -62,3 +62,10 @@ def test_a_kernel_the_model_cannot_run_names_the_key(tok):
     with pytest.raises(ConfigError, match=r"attn_implementation='no_such_kernel' is not available.*"
                                           r"Set it to eager or sdpa"):
         build(tok, attn_implementation="no_such_kernel")
+
+
+def test_a_saved_model_asked_for_a_kernel_it_cannot_run_names_the_key(tok, tmp_path):
+    save_model(build(tok), tok, tmp_path / "m")  # `stage=eval` reloads with the pair's kernel
+    with pytest.raises(ConfigError, match=r"attn_implementation='no_such_kernel' is not available.*"
+                                          r"Set it to eager or sdpa"):
+        load_saved_model(tmp_path / "m", "no_such_kernel")
