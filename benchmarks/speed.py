@@ -195,8 +195,8 @@ def main(argv=None) -> dict:
     runs = {}
     for name in args.strategies.split(","):
         torch.manual_seed(0)
-        student = build_model(plain(cfg.pair.student), task.format, student_tok,
-                              task.label_names, resolve, label_words=label_words).to(args.device).train()
+        student = build_model(plain(cfg.pair.student), task.format, student_tok, task.label_names,
+                              resolve, label_words=label_words, cache_dir=cache_dir).to(args.device).train()
         strategy = build_strategy(OmegaConf.to_container(compose([f"strategy={name}"]).strategy,
                                                          resolve=True))
         start = time.perf_counter()
