@@ -18,19 +18,7 @@ TRAINER=${TRAINER:-gpu}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-60}
 mkdir -p "$OUT_DIR"
-status=0
-
-step() {
-  local name=$1 t0 rc
-  shift
-  t0=$(date +%s)
-  echo "== $name: $*"
-  "$@" >"$OUT_DIR/$name.log" 2>&1
-  rc=$?
-  echo "== $name: rc $rc, $(($(date +%s) - t0)) s"
-  tail -n "${TAIL:-12}" "$OUT_DIR/$name.log"
-  [ "$rc" -eq 0 ] || status=1
-}
+source "$(dirname "${BASH_SOURCE[0]}")/steps.sh"
 
 COMMON=(trainer="$TRAINER" trainer.max_steps="$STEPS" trainer.enable_progress_bar=false
         teacher_finetune.max_steps=60 cache_dir="$OUT_DIR/cache")

@@ -21,19 +21,7 @@ DEVICE=${DEVICE:-cuda}
 TRAINER=${TRAINER:-gpu}
 read -r -a EXTRA <<<"${EXTRA:-}"   # more Hydra overrides for every run.py call
 mkdir -p "$OUT_DIR"
-status=0
-
-step() {
-  local name=$1 t0 rc
-  shift
-  t0=$(date +%s)
-  echo "== $name: $*"
-  "$@" >"$OUT_DIR/$name.log" 2>&1
-  rc=$?
-  echo "== $name: rc $rc, $(($(date +%s) - t0)) s"
-  tail -n "${TAIL:-12}" "$OUT_DIR/$name.log"
-  [ "$rc" -eq 0 ] || status=1
-}
+source "$(dirname "${BASH_SOURCE[0]}")/steps.sh"
 
 ATTN=(pair=smollm2_w288 task=bbc_headline pair.student.prune.rank_by=random cache_dir="$CACHE")
 ATTN_OPTS=(--device "$DEVICE" --precision bf16 --steps "${STEPS:-12}")
