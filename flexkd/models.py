@@ -328,18 +328,21 @@ def _backbone(spec: dict, head: str, tokenizer, resolve, seed: int, prune_inputs
 
     cls = AutoModelForCausalLM if head == "causal_lm" else AutoModel
     dtype = getattr(torch, spec.get("dtype") or "float32")
-    kernel = kernel_kwargs(spec.get("attn_implementation"))
+    name, kernel_name = spec.get("name"), spec.get("attn_implementation")
+    kernel = kernel_kwargs(kernel_name)
     if spec.get("prune"):
         from flexkd.pruning import load_record, pruned_source
 
         folder, entry = pruned_source(spec["prune"], resolve, **prune_inputs)
-        model = _load_with_attention(spec, lambda: cls.from_pretrained(folder, dtype=dtype, **kernel))
+        model = _load_with_attention(name, kernel_name,
+                                     lambda: cls.from_pretrained(folder, dtype=dtype, **kernel))
         # for results.json: what was cut and how, where it is cached, whether it was reused
         model.flexkd_pruning = {**load_record(folder), "path": str(folder), "cache_hit": entry.cache_hit}
         return model
     if spec.get("path"):
         source = resolve(str(spec["path"]))
-        model = _load_with_attention(spec, lambda: cls.from_pretrained(source, dtype=dtype, **kernel))
+        model = _load_with_attention(name, kernel_name,
+                                     lambda: cls.from_pretrained(source, dtype=dtype, **kernel))
         return keep_layers(model, list(spec["keep_layers"])) if spec.get("keep_layers") else model
     init = dict(spec.get("init") or {})
     if not init.get("model_type"):
@@ -349,7 +352,7 @@ def _backbone(spec: dict, head: str, tokenizer, resolve, seed: int, prune_inputs
     config = AutoConfig.for_model(init.pop("model_type"), **init)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = _load_with_attention(spec, lambda: cls.from_config(config, **kernel))
+        model = _load_with_attention(name, kernel_name, lambda: cls.from_config(config, **kernel))
     return model.to(dtype)
 
 
@@ -359,16 +362,15 @@ def kernel_kwargs(attn_implementation: str | None) -> dict:
     return {"attn_implementation": attn_implementation} if attn_implementation else {}
 
 
-def _load_with_attention(spec: dict, load: Callable[[], nn.Module]) -> nn.Module:
-    """`load()`, with transformers' refusal of the spec's `attn_implementation` (a kernel this
-    architecture or machine lacks) turned into an error that names the key."""
+def _load_with_attention(name, kernel: str | None, load: Callable[[], nn.Module]) -> nn.Module:
+    """`load()`, with transformers' refusal of `kernel` (the model's `attn_implementation`, a
+    kernel this architecture or machine lacks) turned into an error that names the key."""
     try:
         return load()
     except (ValueError, ImportError) as e:
-        kernel = spec.get("attn_implementation")
         if not kernel or "atten" not in str(e).lower():
             raise
-        raise ConfigError(f"model {spec.get('name')!r}: attn_implementation={kernel!r} is not "
+        raise ConfigError(f"model {name!r}: attn_implementation={kernel!r} is not "
                           f"available: {str(e).splitlines()[0]} Set it to eager or sdpa, or drop "
                           "it (transformers' default).") from e
 
@@ -442,12 +444,12 @@ def load_saved_model(directory: str | Path, attn_implementation: str | None = No
         raise FileNotFoundError(f"{directory} is not a flexkd model directory ({CLASSIFIER_FILE} missing)")
     meta = json.loads(meta_path.read_text())
     tok = AutoTokenizer.from_pretrained(directory)
-    spec = {"name": str(directory), "attn_implementation": attn_implementation}
+    cls = AutoModel if meta["kind"] == "classifier" else AutoModelForCausalLM
+    backbone = _load_with_attention(str(directory), attn_implementation,
+                                    lambda: cls.from_pretrained(directory, **kernel))
     if meta["kind"] == "classifier":
-        backbone = _load_with_attention(spec, lambda: AutoModel.from_pretrained(directory, **kernel))
         model = SequenceClassifier(backbone, meta["num_labels"], meta.get("label_names"))
         model.head.load_state_dict(torch.load(directory / HEAD_WEIGHTS, weights_only=True))
     else:
-        model = CausalLM(_load_with_attention(
-            spec, lambda: AutoModelForCausalLM.from_pretrained(directory, **kernel)))
+        model = CausalLM(backbone)
     return model, tok

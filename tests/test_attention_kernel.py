@@ -11,6 +11,7 @@ from flexkd.models import build_model, load_saved_model, load_tokenizer, save_mo
 from flexkd.sources import resolve_source
 
 SPEC = OmegaConf.to_container(OmegaConf.load("conf/pair/tiny_causal.yaml").student)
+UNAVAILABLE = r"attn_implementation='no_such_kernel' is not available.*Set it to eager or sdpa"
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +60,11 @@ def test_a_reloaded_model_keeps_the_kernel_it_is_asked_for(tok, tmp_path):
 
 
 def test_a_kernel_the_model_cannot_run_names_the_key(tok):
-    with pytest.raises(ConfigError, match=r"attn_implementation='no_such_kernel' is not available.*"
-                                          r"Set it to eager or sdpa"):
+    with pytest.raises(ConfigError, match=UNAVAILABLE):
         build(tok, attn_implementation="no_such_kernel")
 
 
 def test_a_saved_model_asked_for_a_kernel_it_cannot_run_names_the_key(tok, tmp_path):
     save_model(build(tok), tok, tmp_path / "m")  # `stage=eval` reloads with the pair's kernel
-    with pytest.raises(ConfigError, match=r"attn_implementation='no_such_kernel' is not available.*"
-                                          r"Set it to eager or sdpa"):
+    with pytest.raises(ConfigError, match=UNAVAILABLE):
         load_saved_model(tmp_path / "m", "no_such_kernel")
