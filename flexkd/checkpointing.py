@@ -128,7 +128,9 @@ class ResumeCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".{LAST}.tmp-{os.getpid()}"
-        trainer.save_checkpoint(tmp)  # every rank must call this; rank 0 writes
+        # Every rank must call this; rank 0 writes. The whole state (optimizer, callbacks) is
+        # what a resume needs; saying so also stops Lightning logging its default each save.
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.dir / LAST)
             atomic_write_json(self.dir / LAST_INFO, {"step": trainer.global_step,

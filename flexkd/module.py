@@ -72,18 +72,42 @@ class DistillationModule(L.LightningModule):
             optimizer, int(total * self.warmup_ratio), total, min_lr_rate=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None):
+        from lightning.pytorch.plugins.precision import Precision
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and unscaled_mixed_precision(plugin):
+            # bf16-mixed keeps no gradient scaler, so there is nothing to unscale and the
+            # gradients clip as fp32's do. Lightning's mixed-precision plugin refuses any
+            # optimizer that could unscale on its own (the fused one) without looking: skip it.
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def unscaled_mixed_precision(plugin) -> bool:
+    """Mixed precision without a gradient scaler: bf16-mixed (16-mixed scales its loss)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return isinstance(plugin, MixedPrecision) and plugin.scaler is None
+
 
 def fused_allowed(trainer: L.Trainer) -> bool:
-    """Whether this trainer can step a fused optimizer. Lightning refuses gradient clipping with
-    one under mixed precision (bf16-mixed, 16-mixed: it takes the optimizer to unscale gradients
-    itself), and sharding strategies (FSDP, DeepSpeed) step and clip their own way. So: fp32 or
-    bf16-true, or no clipping, in one process or DDP."""
+    """Whether this trainer can step a fused optimizer. Under 16-mixed Lightning refuses to clip
+    one's gradients (the fused step would unscale them itself, after the clip);
+    `DistillationModule.configure_gradient_clipping` clips them under bf16-mixed, which has no
+    scaler. Sharding strategies (FSDP, DeepSpeed) step and clip their own way. So: one process
+    or DDP, and no clipping of fp16-scaled gradients."""
     from lightning.pytorch.plugins.precision import MixedPrecision
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-    mixed_with_clipping = isinstance(trainer.precision_plugin, MixedPrecision) and bool(
-        trainer.gradient_clip_val)
-    return isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy) and not mixed_with_clipping
+    plugin = trainer.precision_plugin
+    scaled_with_clipping = (isinstance(plugin, MixedPrecision) and not unscaled_mixed_precision(plugin)
+                            and bool(trainer.gradient_clip_val))
+    return isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy) and not scaled_with_clipping
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float,

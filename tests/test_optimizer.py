@@ -4,7 +4,8 @@ import lightning as L
 import pytest
 import torch
 
-from flexkd.module import adamw, fused_allowed
+from flexkd.module import DistillationModule, adamw, fused_allowed, unscaled_mixed_precision
+from flexkd.strategies.base import Strategy
 
 
 def test_fused_adamw_makes_the_reference_update():
@@ -38,9 +39,35 @@ def test_parameters_without_a_fused_kernel_get_the_plain_one():
     ("32-true", 1.0, True),
     ("bf16-true", 1.0, True),
     ("bf16-mixed", None, True),
-    ("bf16-mixed", 1.0, False),  # Lightning would refuse to clip a fused optimizer's gradients
+    ("bf16-mixed", 1.0, True),  # no scaler: DistillationModule clips it itself
 ])
-def test_the_fused_kernel_only_where_lightning_can_clip_it(precision, clip, fused):
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, gradient_clip_val=clip,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    assert fused_allowed(trainer) is fused
+def test_the_fused_kernel_wherever_its_gradients_can_be_clipped(precision, clip, fused):
+    assert fused_allowed(cpu_trainer(precision, clip)) is fused
+
+
+def test_only_fp16_mixed_precision_scales_its_gradients():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    assert unscaled_mixed_precision(cpu_trainer("bf16-mixed", 1.0).precision_plugin)
+    assert not unscaled_mixed_precision(MixedPrecision("16-mixed", device="cpu"))
+    assert not unscaled_mixed_precision(cpu_trainer("32-true", 1.0).precision_plugin)
+
+
+def test_bf16_mixed_clips_a_fused_optimizers_gradients_to_the_norm():
+    weight = torch.nn.Parameter(torch.zeros(2, 2))
+    module = DistillationModule(torch.nn.Linear(2, 2), Strategy())
+    module.student.weight = weight
+    module.student.bias.requires_grad_(False)
+    module.trainer = cpu_trainer("bf16-mixed", 1.0)
+    optimizer = adamw([weight], lr=0.1, weight_decay=0.0)
+    assert optimizer.defaults["fused"] is True
+    weight.grad = torch.tensor([[3.0, 0.0], [0.0, 4.0]])  # norm 5
+    with pytest.raises(RuntimeError, match="fused"):  # what Lightning's plugin alone does
+        L.LightningModule.configure_gradient_clipping(module, optimizer, 1.0, "norm")
+    module.configure_gradient_clipping(optimizer, 1.0, "norm")
+    torch.testing.assert_close(weight.grad, torch.tensor([[0.6, 0.0], [0.0, 0.8]]), rtol=1e-5, atol=0)
+
+
+def cpu_trainer(precision: str, clip: float | None) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, precision=precision, gradient_clip_val=clip,
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False)
