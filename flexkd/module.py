@@ -20,7 +20,7 @@ class DistillationModule(L.LightningModule):
     def __init__(self, student: TaskModel, strategy: Strategy, teacher: TaskModel | None = None,
                  lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
                  trainable_layers: int | None = None,
-                 teacher_outputs: TeacherOutputs | None = None):
+                 teacher_outputs: TeacherOutputs | None = None, fused: bool = True):
         super().__init__()
         self.student = student
         self.strategy = strategy
@@ -32,6 +32,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_outputs = teacher_outputs or (LiveTeacher(teacher, strategy)
                                                    if teacher is not None else None)
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.fused = fused
         if trainable_layers is not None:
             freeze_lower_layers(student, trainable_layers)
 
@@ -65,7 +66,7 @@ class DistillationModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = adamw(params, lr=self.lr, weight_decay=self.weight_decay,
-                          fused=fused_allowed(self.trainer))
+                          fused=self.fused and fused_allowed(self.trainer))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         # Linear warmup, then a half cosine from lr down to 10% of lr at the last step.
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(

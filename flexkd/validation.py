@@ -78,6 +78,8 @@ class Optim(Schema):
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps spent in linear warmup")
     trainable_layers: int | None = Field(None, ge=0, description="train only the top N student "
                                          "blocks (+ head); null trains the whole student")
+    fused: bool = Field(True, description="AdamW's fused kernel where the device and trainer allow "
+                        "it; false: the plain kernel (same update up to rounding)")
 
 
 class Finetune(Schema):

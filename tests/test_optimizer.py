@@ -68,6 +68,14 @@ def test_bf16_mixed_clips_a_fused_optimizers_gradients_to_the_norm():
     torch.testing.assert_close(weight.grad, torch.tensor([[0.6, 0.0], [0.0, 0.8]]), rtol=1e-5, atol=0)
 
 
-def cpu_trainer(precision: str, clip: float | None) -> L.Trainer:
+def cpu_trainer(precision: str, clip: float | None, **kwargs) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, precision=precision, gradient_clip_val=clip,
-                     logger=False, enable_checkpointing=False, enable_progress_bar=False)
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False, **kwargs)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_optim_fused_picks_the_kernel_a_run_steps_with(fused):
+    module = DistillationModule(torch.nn.Linear(2, 2), Strategy(), fused=fused)
+    module.trainer = cpu_trainer("bf16-mixed", 1.0, max_steps=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert bool(optimizer.defaults["fused"]) is fused
