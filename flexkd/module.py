@@ -81,8 +81,8 @@ class DistillationModule(L.LightningModule):
         plugin = self.trainer.precision_plugin
         if gradient_clip_val and unscaled_mixed_precision(plugin):
             # bf16-mixed keeps no gradient scaler, so there is nothing to unscale and the
-            # gradients clip as fp32's do. Lightning's mixed-precision plugin refuses any
-            # optimizer that could unscale on its own (the fused one) without looking: skip it.
+            # gradients clip as fp32's do. Lightning's mixed-precision plugin refuses a fused
+            # optimizer whether or not it has a scaler, so clip with the base plugin's code.
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val,
                                      GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
         else:

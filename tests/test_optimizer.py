@@ -8,6 +8,11 @@ from flexkd.module import DistillationModule, adamw, fused_allowed, unscaled_mix
 from flexkd.strategies.base import Strategy
 
 
+def cpu_trainer(precision: str, clip: float | None, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, precision=precision, gradient_clip_val=clip,
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False, **kwargs)
+
+
 def test_fused_adamw_makes_the_reference_update():
     torch.manual_seed(0)
     start = [torch.randn(300, 7), torch.randn(11)]
@@ -66,11 +71,6 @@ def test_bf16_mixed_clips_a_fused_optimizers_gradients_to_the_norm():
         L.LightningModule.configure_gradient_clipping(module, optimizer, 1.0, "norm")
     module.configure_gradient_clipping(optimizer, 1.0, "norm")
     torch.testing.assert_close(weight.grad, torch.tensor([[0.6, 0.0], [0.0, 0.8]]), rtol=1e-5, atol=0)
-
-
-def cpu_trainer(precision: str, clip: float | None, **kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, precision=precision, gradient_clip_val=clip,
-                     logger=False, enable_checkpointing=False, enable_progress_bar=False, **kwargs)
 
 
 @pytest.mark.parametrize("fused", [True, False])
