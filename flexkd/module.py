@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from flexkd.models import ModelOutputs, TaskModel, transformer_blocks
@@ -75,9 +78,6 @@ class DistillationModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None):
-        from lightning.pytorch.plugins.precision import Precision
-        from lightning.pytorch.utilities import GradClipAlgorithmType
-
         plugin = self.trainer.precision_plugin
         if gradient_clip_val and unscaled_mixed_precision(plugin):
             # bf16-mixed keeps no gradient scaler, so there is nothing to unscale and the
@@ -91,8 +91,6 @@ class DistillationModule(L.LightningModule):
 
 def unscaled_mixed_precision(plugin) -> bool:
     """Mixed precision without a gradient scaler: bf16-mixed (16-mixed scales its loss)."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
-
     return isinstance(plugin, MixedPrecision) and plugin.scaler is None
 
 
@@ -102,11 +100,8 @@ def fused_allowed(trainer: L.Trainer) -> bool:
     `DistillationModule.configure_gradient_clipping` clips them under bf16-mixed, which has no
     scaler. Sharding strategies (FSDP, DeepSpeed) step and clip their own way. So: one process
     or DDP, and no clipping of fp16-scaled gradients."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-
     plugin = trainer.precision_plugin
-    scaled_with_clipping = (isinstance(plugin, MixedPrecision) and not unscaled_mixed_precision(plugin)
+    scaled_with_clipping = (isinstance(plugin, MixedPrecision) and plugin.scaler is not None
                             and bool(trainer.gradient_clip_val))
     return isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy) and not scaled_with_clipping
 
